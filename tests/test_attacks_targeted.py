@@ -157,7 +157,9 @@ def test_witches_brew_runs_every_restart_through_map_and_keeps_the_lowest_loss(s
     assert len(calls) == 3 and len({job[-1] for job in calls}) == 3  # three distinct restart seeds
     best = results[int(np.argmin([loss for loss, _ in results]))][1]
     assert np.array_equal(ps.images, best)
-    reversed_map = lambda fn, jobs: local_map(fn, jobs[::-1])[::-1]  # noqa: E731
+    def reversed_map(fn, jobs):
+        return local_map(fn, jobs[::-1])[::-1]
+
     again = craft("witches_brew", surrogates, params={"restarts": 3}, map=reversed_map)
     assert to_parquet_bytes(again) == to_parquet_bytes(ps)
 

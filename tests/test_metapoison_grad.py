@@ -1,5 +1,6 @@
-"""MetaPoison's unrolled meta-gradient (Huang et al., NeurIPS 2020, Eq. 2-3) against central finite
-differences, in float64 on tiny models: K = 2 unrolled SGD steps, then the adversarial loss."""
+"""MetaPoison's unrolled meta-gradient (Huang et al., NeurIPS 2020, Eq. 1 unrolled as in Algorithm 1)
+against central finite differences, in float64 on tiny models: K = 2 unrolled SGD steps, then the
+adversarial loss."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class TinyMLP(nn.Module):
 
 
 class TinyBN(nn.Module):
-    """A conv + BatchNorm model (non-trivial running statistics), to check the unroll through BatchNorm."""
+    """Conv + BatchNorm: the unroll differentiates through train-mode batch statistics (poisons and clean
+    samples share them, as in training); the target is scored with the (random) running statistics."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,8 +57,8 @@ def setup(model_cls: type[nn.Module], seed: int = 0):
     bases = torch.rand(3, 1, 4, 4, generator=gen, dtype=torch.float64)
     delta = (torch.rand(bases.shape, generator=gen, dtype=torch.float64) - 0.5) * 0.1
     labels = torch.tensor([2, 2, 2])
-    batches = [(torch.rand(5, 1, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen))
-               for _ in range(2)]  # K = 2 unrolled steps
+    batches = [(torch.rand(5, 1, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen),
+                torch.tensor(rows)) for rows in ([0, 2], [1, 2])]  # K = 2 unrolled steps, poisons 0, 2 then 1, 2
     target = torch.rand(1, 1, 4, 4, generator=gen, dtype=torch.float64)
     return model, bases, delta, labels, batches, target
 
@@ -64,7 +66,7 @@ def setup(model_cls: type[nn.Module], seed: int = 0):
 def loss_at(model: nn.Module, bases, delta, labels, batches, target, lr: float) -> float:
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    loss = unrolled_target_loss(model, params, buffers, bases + delta, labels, batches, target, 2, lr, 0.3)
+    loss = unrolled_target_loss(model, params, buffers, bases + delta, labels, batches, target, 2, lr)
     return float(loss.detach())
 
 
@@ -72,7 +74,7 @@ def loss_at(model: nn.Module, bases, delta, labels, batches, target, lr: float) 
 def test_unrolled_gradient_matches_central_differences(model_cls):
     model, bases, delta, labels, batches, target = setup(model_cls)
     lr, h = 0.5, 1e-5
-    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, lr, 0.3)
+    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, lr)
     assert abs(loss - loss_at(model, bases, delta, labels, batches, target, lr)) < 1e-12
     numeric = torch.zeros_like(delta)
     flat = numeric.view(-1)
@@ -91,8 +93,8 @@ def test_unrolled_gradient_matches_central_differences(model_cls):
 def test_second_order_terms_matter():
     """The meta-gradient is not the first-order one: without create_graph the poisons get no gradient."""
     model, bases, delta, labels, batches, target = setup(TinyMLP, seed=1)
-    _, grad_k2 = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5, 0.3)
-    _, grad_k1 = unrolled_adversarial_grad(model, bases, delta, labels, batches[:1], target, 2, 0.5, 0.3)
+    _, grad_k2 = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5)
+    _, grad_k1 = unrolled_adversarial_grad(model, bases, delta, labels, batches[:1], target, 2, 0.5)
     assert not torch.allclose(grad_k1, grad_k2)
     assert float(grad_k2.abs().sum()) > 0
 
@@ -101,7 +103,7 @@ def test_unroll_leaves_the_model_untouched():
     model, bases, delta, labels, batches, target = setup(TinyBN, seed=2)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5, 0.3)
+    unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5)
     assert not model.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
@@ -109,6 +111,15 @@ def test_unroll_leaves_the_model_untouched():
 
 def test_gradient_is_deterministic():
     model, bases, delta, labels, batches, target = setup(TinyMLP, seed=3)
-    first = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5, 0.3)[1]
-    again = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5, 0.3)[1]
+    first = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5)[1]
+    again = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5)[1]
     assert np.array_equal(first.numpy(), again.numpy())
+
+
+def test_only_poisons_in_the_batches_get_gradient():
+    model, bases, delta, labels, batches, target = setup(TinyMLP, seed=4)
+    _, grad = unrolled_adversarial_grad(model, bases, delta, labels, batches[:1], target, 2, 0.5)
+    assert float(grad[1].abs().sum()) == 0 and float(grad[0].abs().sum()) > 0
+    empty = [(x, y, torch.zeros(0, dtype=torch.long)) for x, y, _ in batches]
+    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, empty, target, 2, 0.5)
+    assert float(grad.abs().sum()) == 0 and loss > 0

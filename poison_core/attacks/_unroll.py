@@ -1,23 +1,19 @@
 """MetaPoison's inner problem: K differentiable SGD steps, then the adversarial loss on the target.
 
 Huang, Geiping, Fowl, Taylor & Goldstein, 'MetaPoison: Practical General-purpose Clean-label Data
-Poisoning', NeurIPS 2020, Eq. (2)-(3) and Algorithm 1: the bi-level problem
+Poisoning', NeurIPS 2020, Eq. (1) and Algorithm 1: the bi-level problem
 
     min_Delta  L_adv(x_t, y_adv; theta_K(Delta)),
     theta_{k+1} = theta_k - alpha * grad_theta L_train(B_k(Delta); theta_k),
 
-is approximated by unrolling K steps (K = 2 in the paper) of plain SGD on mini-batches B_k made of
-the poisoned bases and clean samples, and differentiating through the unrolled steps with respect
-to the perturbation (create_graph=True: second-order terms included). Every unrolled step sees all
-poisons, and the step's loss is the *expected* mini-batch loss of training,
-(1 - w) * CE(clean batch) + w * CE(poisons) with w the poisons' fraction of the training set, so
-that the poisons weigh as much as they will in the victim's training (the reference code instead
-puts in each batch the few poisons that fall in it; with all poisons at full weight, two unrolled
-steps flip the target far too easily and the poisons do not transfer). The parameters are a dict
-given to torch.func.functional_call, so the worker's own model is never modified. BatchNorm runs in
-eval mode (the worker's running statistics) throughout: with batch statistics, the poisons, which
-fill a far larger part of the unrolled batch than of any real one, would steer the normalisation of
-the clean samples, a channel the victim's training does not have and the optimiser exploits.
+is approximated by unrolling K steps (K = 2 in the paper) of plain SGD on mini-batches B_k and
+differentiating through them with respect to the perturbation (create_graph=True: second-order
+terms included). As in the reference code, a batch holds the poisons that fall into it among clean
+samples, so every poison weighs in the mean loss and in BatchNorm's batch statistics exactly as it
+will in the victim's training: a :data:`Batch` is (clean images, clean labels, indices of the
+poisons in the batch). BatchNorm runs in train mode on a copy of the buffers during the unroll
+and in eval mode on the target. The parameters are a dict given to torch.func.functional_call,
+so the model itself is never modified.
 """
 
 from __future__ import annotations
@@ -29,28 +25,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def unrolled_target_loss(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
-                         poisons: torch.Tensor, poison_labels: torch.Tensor, clean_batches: Sequence[Batch],
-                         target: torch.Tensor, adversarial_class: int, lr: float,
-                         poison_weight: float) -> torch.Tensor:
-    """CE(f(x_t; theta_K), y_adv) after one SGD step of size `lr` per clean batch, each on the weighted
-    loss (1 - poison_weight) * CE(batch) + poison_weight * CE(poisons)."""
+                         poisons: torch.Tensor, poison_labels: torch.Tensor, batches: Sequence[Batch],
+                         target: torch.Tensor, adversarial_class: int, lr: float) -> torch.Tensor:
+    """CE(f(x_t; theta_K), y_adv) after one SGD step of size `lr` per batch (mean CE over its poisons
+    poisons[idx] and its clean samples)."""
     was_training = model.training
-    params, buffers = dict(params), dict(buffers)
+    params = dict(params)
+    running = {name: b.clone() for name, b in buffers.items()}
     try:
-        model.eval()
-        n = len(poisons)
-        for clean_x, clean_y in clean_batches:
-            logits = functional_call(model, (params, buffers), (torch.cat([poisons, clean_x.to(poisons.dtype)]),))
-            loss = poison_weight * F.cross_entropy(logits[:n], poison_labels)
-            if len(clean_y):
-                loss = loss + (1 - poison_weight) * F.cross_entropy(logits[n:], clean_y)
+        model.train()
+        for clean_x, clean_y, idx in batches:
+            x = torch.cat([poisons[idx], clean_x.to(poisons.dtype)])
+            y = torch.cat([poison_labels[idx], clean_y])
+            loss = F.cross_entropy(functional_call(model, (params, running), (x,)), y)
             grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=True)
             params = {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
-        logits = functional_call(model, (params, buffers), (target,))
+        model.eval()
+        logits = functional_call(model, (params, dict(buffers)), (target,))
     finally:
         model.train(was_training)
     y_adv = torch.full((len(target),), int(adversarial_class), dtype=torch.long, device=target.device)
@@ -58,14 +53,14 @@ def unrolled_target_loss(model: nn.Module, params: Mapping[str, torch.Tensor], b
 
 
 def unrolled_adversarial_grad(model: nn.Module, bases: torch.Tensor, delta: torch.Tensor, poison_labels: torch.Tensor,
-                              clean_batches: Sequence[Batch], target: torch.Tensor, adversarial_class: int,
-                              lr: float, poison_weight: float) -> tuple[float, torch.Tensor]:
-    """(adversarial loss, d loss / d delta) for poisons bases + delta, through K = len(clean_batches) unrolled
-    SGD steps of `model`'s current weights."""
+                              batches: Sequence[Batch], target: torch.Tensor, adversarial_class: int,
+                              lr: float) -> tuple[float, torch.Tensor]:
+    """(adversarial loss, d loss / d delta) for poisons bases + delta, through K = len(batches) unrolled
+    SGD steps from `model`'s current weights."""
     params = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     delta = delta.detach().requires_grad_(True)
-    loss = unrolled_target_loss(model, params, buffers, bases + delta, poison_labels, clean_batches, target,
-                                adversarial_class, lr, poison_weight)
-    (grad,) = torch.autograd.grad(loss, delta)
-    return float(loss.detach()), grad.detach()
+    loss = unrolled_target_loss(model, params, buffers, bases + delta, poison_labels, batches, target,
+                                adversarial_class, lr)
+    (grad,) = torch.autograd.grad(loss, delta, allow_unused=True)
+    return float(loss.detach()), torch.zeros_like(delta) if grad is None else grad.detach()

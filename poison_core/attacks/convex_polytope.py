@@ -2,7 +2,7 @@
 Attacks on Deep Neural Nets', ICML 2019.
 
 k poisons whose features, in each of m surrogate feature extractors phi^(i) (all of
-ctx.surrogates), enclose the target's in their convex hull (the convex-polytope objective, Eq. 2):
+ctx.surrogates), enclose the target's in their convex hull (the polytope objective that Algorithm 1 minimises):
 
     min_{c, x_p}  1/2 sum_i ||phi^(i)(x_t) - sum_j c_j^(i) phi^(i)(x_p^(j))||^2 / ||phi^(i)(x_t)||^2
     s.t.  sum_j c_j^(i) = 1,  c^(i) >= 0,  ||x_p^(j) - x_b^(j)||_inf <= eps.
@@ -71,12 +71,13 @@ def simplex_least_squares(features: torch.Tensor, target: torch.Tensor, start: t
     return c
 
 
-def polytope_loss(models: Sequence[nn.Module], x: torch.Tensor, target_features: Sequence[torch.Tensor],
+def polytope_loss(poison_features: Sequence[torch.Tensor], target_features: Sequence[torch.Tensor],
                   coefficients: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The convex-polytope objective (Eq. 2) at poisons `x` for fixed coefficients."""
-    total = x.new_zeros(())
-    for model, t, c in zip(models, target_features, coefficients):
-        residual = t - c @ model.features(x)
+    """The convex-polytope objective (module docstring): per network, the residual of the target's features
+    against the convex combination of the poisons' (k, D) features, relative to ||phi(x_t)||^2."""
+    total = poison_features[0].new_zeros(())
+    for features, t, c in zip(poison_features, target_features, coefficients):
+        residual = t - c @ features
         total = total + 0.5 * residual.pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
     return total
 
@@ -93,10 +94,10 @@ def convex_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: to
     x = bases.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=params.lr)
     for step in range(params.steps):
-        with torch.no_grad():
-            coefficients = [simplex_least_squares(m.features(x), t, c, iters=params.coef_iters, tol=params.coef_tol)
-                            for m, t, c in zip(models, target_features, coefficients)]
-        loss = polytope_loss(models, x, target_features, coefficients)
+        features = [m.features(x) for m in models]
+        coefficients = [simplex_least_squares(f.detach(), t, c, iters=params.coef_iters, tol=params.coef_tol)
+                        for f, t, c in zip(features, target_features, coefficients)]
+        loss = polytope_loss(features, target_features, coefficients)
         (x.grad,) = torch.autograd.grad(loss, x)
         optimizer.step()
         with torch.no_grad():
@@ -108,7 +109,7 @@ def convex_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: to
 
 @register_attack
 class ConvexPolytope(Attack):
-    """Convex-polytope poisons (Zhu et al., ICML 2019, Eq. 2, Algorithm 1) against a surrogate ensemble."""
+    """Convex-polytope poisons (Zhu et al., ICML 2019, polytope objective, Algorithm 1) against a surrogate ensemble."""
 
     name = "convex_polytope"
     paper = "Zhu et al., Transferable Clean-Label Poisoning Attacks on Deep Neural Nets, ICML 2019"

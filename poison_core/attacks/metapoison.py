@@ -4,11 +4,12 @@ Clean-label Data Poisoning', NeurIPS 2020.
 Algorithm 1 (ensembling and network re-initialisation): M surrogate models are trained from scratch
 to staggered epochs floor(m * T / M), m = 0..M-1. Each craft step, every model unrolls K SGD steps
 on batches holding the current poisons (:mod:`poison_core.attacks._unroll`) and returns the
-gradient of the adversarial loss on the target (cross-entropy to the adversarial class at
-theta_K, Eq. 3) with respect to the perturbation; the driver averages the M gradients, takes an
-Adam step (the reference's craft rate 200/255, x0.1 every 20 steps) and projects onto the eps-ball
-and the pixel box; then every model trains one more (mini-)epoch on the clean data with the current
-poisons, and a model that reaches T epochs restarts from a fresh initialisation at epoch 0.
+gradient, with respect to the perturbation, of the adversarial loss on the target (cross-entropy
+to the adversarial class at theta_K: the outer loss of the bi-level problem, Eq. 1); the driver
+averages the M gradients, takes an Adam step (the reference's craft rate 200/255, x0.1 every 20
+steps) and projects onto the eps-ball and the pixel box; then every model trains one more
+(mini-)epoch on the clean data with the current poisons, and a model that reaches T epochs
+restarts from a fresh initialisation at epoch 0.
 
 The M models are stateful workers built with ctx.actors (one Ray actor each under orchestration)
 from :class:`MetaPoisonWorker`; their architecture is the surrogate's (ctx.surrogates[0]), freshly
@@ -101,15 +102,19 @@ class MetaPoisonWorker:
         return x, torch.from_numpy(self.labels[idx]).to(self.device)
 
     def adversarial_grad(self, delta: np.ndarray, step: int) -> tuple[float, np.ndarray]:
-        """Unroll K SGD steps on (poisons + clean batch) and return (adversarial loss, its gradient)."""
+        """Unroll K SGD steps on batches of the poisoned training set and return (adversarial loss, its
+        gradient). Each batch holds round(batch_size * P / N) >= 1 random poisons, their share of the data."""
         p = self.params
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "unroll", step))
-        batches = [self._batch(self.clean[torch.randperm(len(self.clean), generator=gen)[:p.batch_size].numpy()])
-                   for _ in range(p.unroll_steps)]
+        share = min(len(self.positions), max(1, round(p.batch_size * len(self.positions) / len(self.images))))
+        batches = []
+        for _ in range(p.unroll_steps):
+            poison_idx = torch.randperm(len(self.positions), generator=gen)[:share]
+            clean = self.clean[torch.randperm(len(self.clean), generator=gen)[:p.batch_size - share].numpy()]
+            batches.append((*self._batch(clean), poison_idx.to(self.device)))
         bases, poison_labels = self._batch(self.positions)
         loss, grad = unrolled_adversarial_grad(self.model, bases, torch.from_numpy(delta).to(self.device),
-                                               poison_labels, batches, self.target, self.adversarial_class,
-                                               p.lr, len(self.positions) / len(self.images))
+                                               poison_labels, batches, self.target, self.adversarial_class, p.lr)
         return loss, grad.cpu().numpy()
 
     def advance(self, delta: np.ndarray | None) -> int:

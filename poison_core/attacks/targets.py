@@ -21,8 +21,9 @@ training images of its base class drawn uniformly without replacement (never sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -27,7 +27,6 @@ of the strategy; the paper gives no equation for it.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -173,11 +172,10 @@ class TransferableUnlearnable(Attack):
         height, width, channels = train.image_shape
         noise = (torch.rand((len(pos), channels, height, width), generator=gen, device=device) * 2 - 1) * radius
         batches = batch_slices(len(pos), p.batch_size)
-        n_train_batches = max(1, math.ceil(len(pos) / p.batch_size))
         for round_ in range(p.rounds):
             encoder.train()
             for step in range(p.train_steps):
-                batch = batches[(round_ * p.train_steps + step) % n_train_batches]
+                batch = batches[(round_ * p.train_steps + step) % len(batches)]
                 x = (to_tensor(images[batch], device) + noise[batch]).clamp(0.0, 1.0)
                 loss = nt_xent(encoder(augment(x, gen)), encoder(augment(x, gen)), p.temperature)
                 optimizer.zero_grad(set_to_none=True)
