@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from poison_core.config import ExecutionConfig
+from poison_core.errors import WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,11 @@ def job_map(resources: ExecutionConfig) -> Callable[[Callable[..., Any], Sequenc
 class RayActorGroup:
     """CraftContext.actors on Ray: one actor per worker, each holding its own model (MetaPoison).
 
-    Actors restart up to `max_retries` times and retry their calls; each gets an equal share of
-    the cluster's CPUs (and of the GPUs asked for), so a group larger than the CPU count still
-    starts instead of waiting forever."""
+    Each actor gets an equal share of the cluster's CPUs (and of the GPUs asked for), so a group
+    larger than the CPU count still starts instead of waiting forever. Actors are not restarted by
+    Ray: a restarted actor would have lost its model's state and silently answer from its initial
+    one. A dead actor raises :class:`WorkerLost`, and the attack rebuilds its group from its last
+    checkpoint."""
 
     def __init__(self, factory: Callable[..., Any], init_args: Sequence[tuple], resources: ExecutionConfig) -> None:
         import ray
@@ -81,7 +84,7 @@ class RayActorGroup:
         ensure_ray(resources)
         share = max(0.01, min(resources.num_cpus, ray.cluster_resources().get("CPU", 1.0) / max(1, len(init_args))))
         remote_cls = ray.remote(num_cpus=share, num_gpus=resources.num_gpus / max(1, len(init_args)),
-                                max_restarts=resources.max_retries, max_task_retries=resources.max_retries,
+                                max_restarts=0, max_task_retries=0,
                                 scheduling_strategy=resources.scheduling)(factory)
         self.actors = [remote_cls.remote(*args) for args in init_args]
 
@@ -90,7 +93,10 @@ class RayActorGroup:
 
         if len(args_per_worker) != len(self.actors):
             raise ValueError(f"{len(args_per_worker)} argument tuples for {len(self.actors)} actors")
-        return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)])
+        try:
+            return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)])
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(f"a worker of {len(self.actors)} died during {method}: {type(exc).__name__}") from exc
 
     def close(self) -> None:
         import ray

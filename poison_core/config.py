@@ -166,12 +166,14 @@ class DefenseConfig(_Named):
 class ExecutionConfig(StrictModel):
     """Where and with what each job runs: Ray address (None: RAY_ADDRESS, else a local instance),
     CPUs and GPUs per job, retries of a failed job, Ray's scheduling strategy (SPREAD puts jobs on
-    every node rather than packing the first), and the torch device inside a job."""
+    every node rather than packing the first), the torch device inside a job, and how often (in
+    steps or rounds) long attacks checkpoint their crafting state to the store."""
 
     ray_address: str | None = None
     num_cpus: float = Field(1.0, gt=0, le=256)
     num_gpus: float = Field(0.0, ge=0, le=16)
     max_retries: int = Field(2, ge=0, le=10)
+    checkpoint_every: int = Field(10, ge=1, le=100_000)
     scheduling: Literal["SPREAD", "DEFAULT"] = "SPREAD"
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
 

@@ -28,3 +28,7 @@ class DatasetError(InputError):
 
 class AuditError(BelladonnaError):
     """A PoisonSet breaks its threat model (epsilon, budget, labels, ids)."""
+
+
+class WorkerLost(BelladonnaError):
+    """A stateful worker (a Ray actor of MetaPoison's ensemble) died; its state is gone."""

@@ -4,7 +4,8 @@ when that output already exists (a rerun after a crash resumes instead of recomp
 
 They import no Prefect, so Ray workers run them without starting a Prefect server; the Prefect
 tasks in `tasks.prefect_tasks` wrap them. Keys: ``datasets/<hash>/{train,test}.parquet``,
-``poisons/<hash>.parquet``, ``models/<hash>.safetensors``, ``cells/<hash>.json``.
+``poisons/<hash>.parquet``, ``models/<hash>.safetensors``, ``cells/<hash>.json``; a craft in
+progress keeps its checkpoints under ``checkpoints/<poison key>/``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from infra.ray_runner import ActorFactory, job_map
 from infra.storage import Store, content_hash
 from poison_core import __version__
 from poison_core.attacks import CraftContext, make_attack
+from poison_core.checkpoint import Checkpointer
 from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig
 from poison_core.data import DatasetSplits, load_dataset, read_split, write_split
 from poison_core.defenses import Classifier, DefenseContext, make_defense
@@ -140,16 +142,27 @@ def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackC
     if attacker.needs_surrogate:
         surrogates, checksums = load_surrogates(store, cfg, prefix, seed, splits, device)
     actors = ActorFactory(cfg.execution)
+    checkpoints = checkpoint_prefix(key)
     ctx = CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
                        seed=derive_seed(seed, "craft", attack.key), device=torch.device(device),
                        surrogates=surrogates, surrogate_checksums=checksums, map=job_map(cfg.execution),
-                       actors=actors)
+                       actors=actors, retries=cfg.execution.max_retries,
+                       checkpoint=Checkpointer(store.uri(checkpoints, "craft.safetensors"),
+                                               cfg.execution.checkpoint_every, store.storage_options))
     try:
         poison_set = attacker.craft(ctx)
     finally:
         actors.close()
     store.write_poison_set(key, poison_set, splits.train)
+    for stale in store.list(checkpoints):
+        store.delete(stale)
     return _done(key, True)
+
+
+def checkpoint_prefix(poison_key_: str) -> str:
+    """Where the craft of `poison_key_` keeps its checkpoints (removed once the PoisonSet is stored)."""
+    stem = poison_key_.rsplit("/", 1)[-1].removesuffix(".parquet")
+    return f"checkpoints/{stem}"
 
 
 def model_key(cfg: BenchmarkConfig, prefix: str, defense: DefenseConfig, seed: int, poisons: str | None) -> str:

@@ -154,7 +154,7 @@ def test_witches_brew_runs_every_restart_through_map_and_keeps_the_lowest_loss(s
         return list(results)
 
     ps = craft("witches_brew", surrogates, params={"restarts": 3}, map=recording_map)
-    assert len(calls) == 3 and len({job[-1] for job in calls}) == 3  # three distinct restart seeds
+    assert len(calls) == 3 and len({job[7] for job in calls}) == 3  # three distinct restart seeds
     best = results[int(np.argmin([loss for loss, _ in results]))][1]
     assert np.array_equal(ps.images, best)
     def reversed_map(fn, jobs):

@@ -3,7 +3,10 @@ and a worker process killed mid-job whose job is retried to the same result."""
 
 from __future__ import annotations
 
+import pytest
+
 from infra.ray_runner import ActorFactory, RayActorGroup, ensure_ray, job_map, ray_map
+from poison_core.errors import WorkerLost
 from tests.ray_toys import CFG, Counter, die_once, square, sum_of_squares_nested
 
 
@@ -27,6 +30,18 @@ def test_actor_group_more_workers_than_cpus_keeps_state(fresh_ray):
     assert group.call("add", [(10,)] * 5) == [11, 12, 13, 14, 15]
     factory.close()
     assert group.actors == []
+
+
+def test_dead_actor_raises_worker_lost_instead_of_answering_from_a_fresh_state(fresh_ray):
+    import ray
+
+    ensure_ray(CFG)
+    group = ActorFactory(CFG)(Counter, [(0,), (5,)])
+    assert group.call("add", [(1,), (1,)]) == [1, 6]
+    ray.kill(group.actors[1], no_restart=False)
+    with pytest.raises(WorkerLost, match="a worker of 2 died during add"):
+        group.call("add", [(1,), (1,)])
+    group.close()
 
 
 def test_outside_ray_everything_runs_in_process():

@@ -62,7 +62,8 @@ class CraftContext:
     `map` runs independent jobs (Witches' Brew restarts) and `actors` builds stateful workers
     (MetaPoison's model ensemble); orchestration passes Ray-backed versions, the defaults run in
     this process. Results must not depend on which is used. Long attacks save their state to
-    `checkpoint` when it is due and resume from it (poison_core.checkpoint).
+    `checkpoint` when it is due and resume from it (poison_core.checkpoint); `retries` bounds how
+    often an attack rebuilds lost stateful workers.
     """
 
     train: ImageDataset
@@ -75,6 +76,7 @@ class CraftContext:
     map: Callable[[Callable[..., Any], Sequence[tuple]], list[Any]] = local_map
     actors: Callable[[Callable[..., Any], Sequence[tuple]], ActorGroup] = LocalActorGroup
     checkpoint: Checkpointer | None = None
+    retries: int = 2
 
 
 @dataclass

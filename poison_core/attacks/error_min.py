@@ -18,6 +18,8 @@ mode 'sample': one noise per sample (Sec. 4.1). mode 'class': one noise per clas
 protected sample of that class (Eq. 2 with delta = delta_y), updated with the class-summed gradient.
 The noise starts uniform in [-eps, eps] as in the paper's code, and noise steps run with the model
 in eval mode, as there. Clean-label: labels never change.
+Given ctx.checkpoint, the search saves the noise, the crafting model and its optimizer, the data
+order and the generator state after every `checkpoint.every` rounds and resumes from there.
 Coverage is the threat model's budget: floor(budget * n) samples are protected (1.0 = all); see
 :mod:`poison_core.coverage` for the 20-100 % curve.
 """
@@ -36,6 +38,7 @@ from torch import nn
 from poison_core.attacks._pgd import (choose_positions, clip_unit, project_linf, quantize, sign_descent, to_unit,
                                       torch_generator)
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
+from poison_core.checkpoint import Checkpointer, LoopState, resume_loop, save_loop
 from poison_core.config import ModelConfig
 from poison_core.models import MODELS, build_model
 from poison_core.training import batch_slices, to_tensor
@@ -118,8 +121,8 @@ def noisy_accuracy(model: nn.Module, noise: MinMinNoise, images: np.ndarray, lab
 
 
 def min_min_search(images: np.ndarray, labels: np.ndarray, model: nn.Module, params: ErrorMinParams, *,
-                   epsilon: int, num_classes: int, rng: np.random.Generator,
-                   device: torch.device) -> tuple[np.ndarray, dict[str, float]]:
+                   epsilon: int, num_classes: int, rng: np.random.Generator, device: torch.device,
+                   checkpoint: Checkpointer | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """Alternate model steps and noise steps (Huang et al., Eq. 2) on `images`; returns uint8 images.
 
     Returns the perturbed images and a record of the search: rounds run and the final accuracy of
@@ -134,7 +137,16 @@ def min_min_search(images: np.ndarray, labels: np.ndarray, model: nn.Module, par
     optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
     batches = batch_slices(n, p.batch_size)
     order, cursor, next_batch, acc, rounds = torch.randperm(n, generator=gen, device=device), 0, 0, 0.0, 0
-    for rounds in range(1, p.max_rounds + 1):
+
+    def loop() -> LoopState:
+        return LoopState(tensors={"noise": noise.values, "order": order}, optimizers={"sgd": optimizer},
+                         generator=gen, modules={"model": model})
+
+    done, extra = resume_loop(checkpoint, loop())
+    if done:
+        cursor, next_batch, acc, rounds = extra["cursor"], extra["next_batch"], extra["acc"], done
+    last = done if extra.get("stopped") else p.max_rounds
+    for rounds in range(done + 1, last + 1):
         model.train()
         for _ in range(p.train_steps):
             if n - cursor < 2:
@@ -155,7 +167,11 @@ def min_min_search(images: np.ndarray, labels: np.ndarray, model: nn.Module, par
         model.train()
         acc = noisy_accuracy(model, noise, images, y_all, batches, device)
         logger.info("error_min %s round %d: crafting-model accuracy on noisy data %.4f", p.mode, rounds, acc)
-        if acc >= p.stop_accuracy:
+        stopped = acc >= p.stop_accuracy
+        if checkpoint is not None and (checkpoint.due(rounds) or stopped):
+            save_loop(checkpoint, rounds, loop(), {"cursor": cursor, "next_batch": next_batch, "acc": acc,
+                                                   "stopped": stopped})
+        if stopped:
             break
     out = np.empty_like(images)
     for batch in batches:
@@ -180,6 +196,7 @@ class ErrorMinimizing(Attack):
         model = build_model(ModelConfig(name=p.model, width=p.width), train.image_shape, train.num_classes,
                             seed=int(rng.integers(2**31)))
         images, record = min_min_search(train.images[pos], train.labels[pos], model, p, epsilon=ctx.threat.epsilon,
-                                        num_classes=train.num_classes, rng=rng, device=ctx.device)
+                                        num_classes=train.num_classes, rng=rng, device=ctx.device,
+                                        checkpoint=ctx.checkpoint)
         return Crafted(positions=pos, images=images, poison_labels=train.labels[pos],
                        targets={"kind": "availability", "mode": p.mode, **record})

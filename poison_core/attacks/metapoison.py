@@ -17,6 +17,12 @@ initialised. With `warm_start` the workers instead start (and restart) from the 
 weights, cycling through ctx.surrogates: the fine-tuning regime of the paper's pretrained-model
 experiments, and on CPU the cheap way to put the ensemble where the victim's training ends.
 The paper's ReColorAdv colour perturbation is left out: the threat model is L-inf only.
+
+Given ctx.checkpoint, every `checkpoint.every` steps the driver saves the perturbation, its Adam
+state and schedule, and every worker's weights, generation and epoch. A worker that dies
+(:class:`WorkerLost`) makes the driver rebuild the whole ensemble from the last checkpoint (from
+step 0 without one), at most ctx.retries times; every random draw is a function of (seed, step),
+so the result is the same as an undisturbed run's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from poison_core.attacks import targets as targeting
 from poison_core.attacks._uint8 import project, quantize, radius
 from poison_core.attacks._unroll import unrolled_adversarial_grad
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
+from poison_core.checkpoint import Checkpointer, CraftState, LoopState, resume_loop, save_loop
+from poison_core.errors import WorkerLost
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor
 
@@ -137,6 +145,17 @@ class MetaPoisonWorker:
             self.model = self._start(self.generation)
         return self.epoch
 
+    def state(self) -> tuple[dict[str, np.ndarray], int, int]:
+        """(weights and buffers, generation, epoch): what a checkpoint keeps of this worker."""
+        weights = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+        return weights, self.generation, self.epoch
+
+    def restore(self, weights: dict[str, np.ndarray], generation: int, epoch: int) -> None:
+        """Put this worker back where :meth:`state` was taken."""
+        self.generation, self.epoch = generation, epoch
+        self.model = self._start(generation)
+        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+
     def _start(self, generation: int) -> nn.Module:
         if self.params.warm_start:
             model = copy.deepcopy(self.architecture)
@@ -173,20 +192,40 @@ class MetaPoison(Attack):
         return copy.deepcopy(source).cpu()
 
     def _craft_key(self, ctx: CraftContext, kp: targeting.KeyPlan, index: int) -> np.ndarray:
+        """Brew one key's poisons; a lost worker restarts the ensemble from the last checkpoint."""
+        checkpoint = ctx.checkpoint.child("key", index) if ctx.checkpoint is not None else None
+        for attempt in range(ctx.retries + 1):
+            try:
+                return self._brew(ctx, kp, index, checkpoint)
+            except WorkerLost as exc:
+                if attempt == ctx.retries:
+                    raise
+                logger.warning("metapoison target %d: %s; rebuilding the ensemble from the last checkpoint "
+                               "(retry %d of %d)", kp.key.target_id, exc, attempt + 1, ctx.retries)
+        raise AssertionError("unreachable")
+
+    def _brew(self, ctx: CraftContext, kp: targeting.KeyPlan, index: int,
+              checkpoint: Checkpointer | None) -> np.ndarray:
         p, train, test = self.params, ctx.train, ctx.test
         assert test is not None
+        saved: CraftState | None = checkpoint.load() if checkpoint is not None else None
         target = test.images[kp.key.target_position:kp.key.target_position + 1]
         group = ctx.actors(MetaPoisonWorker, [
             (self._architecture(ctx, m), train.images, train.labels, kp.positions, target, kp.key.adversarial_class,
-             p, m * p.stagger_epochs // p.n_models, derive_seed(ctx.seed, self.name, index, "worker", m),
-             str(ctx.device))
+             p, 0 if saved else m * p.stagger_epochs // p.n_models,
+             derive_seed(ctx.seed, self.name, index, "worker", m), str(ctx.device))
             for m in range(p.n_models)])
         x0 = to_tensor(train.images[kp.positions], "cpu")
         eps = radius(ctx.threat.epsilon)
         delta = torch.zeros_like(x0, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=p.craft_rate / 255.0)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.drop_period, gamma=0.1)
-        for step in range(p.steps):
+        loop = LoopState(tensors={"delta": delta}, optimizers={"adam": optimizer}, schedulers={"lr": scheduler})
+        done, extra = resume_loop(checkpoint, loop, saved)
+        if done:
+            group.call("restore", [({k[len(f"{m}."):]: v.numpy() for k, v in loop.payload.items()
+                                     if k.startswith(f"{m}.")}, *extra["workers"][m]) for m in range(p.n_models)])
+        for step in range(done, p.steps):
             current = delta.detach().numpy().copy()
             results = group.call("adversarial_grad", [(current, step)] * p.n_models)
             delta.grad = torch.from_numpy(np.mean([g for _, g in results], axis=0))
@@ -197,4 +236,9 @@ class MetaPoison(Attack):
             group.call("advance", [(delta.detach().numpy().copy(),)] * p.n_models)
             logger.debug("metapoison target %d step %d adversarial loss %.4f", kp.key.target_id, step,
                          float(np.mean([loss for loss, _ in results])))
+            if checkpoint is not None and checkpoint.due(step + 1):
+                states = group.call("state", [()] * p.n_models)
+                loop.payload = {f"{m}.{k}": torch.from_numpy(np.asarray(v)) for m, (weights, _, _) in enumerate(states)
+                                for k, v in weights.items()}
+                save_loop(checkpoint, step + 1, loop, {"workers": [[g, e] for _, g, e in states]})
         return quantize(train.images[kp.positions], delta, ctx.threat.epsilon)

@@ -16,6 +16,10 @@ R restarts run as independent jobs through ctx.map (each seeded from (ctx.seed, 
 the result does not depend on where or in what order they run); the restart with the lowest final
 alignment loss (measured without augmentation on the uint8 poisons) is kept (Sec. 4).
 
+Given ctx.checkpoint, each restart saves its perturbation, Adam moments, schedule position and
+generator state every `checkpoint.every` steps (its own file, `checkpoint.child(key, restart)`); a
+restart that Ray retries after its worker died resumes there and ends byte-identical.
+
 The poison-batch gradient is one autograd call over the whole batch (create_graph=True, so the
 loss can be differentiated again with respect to Delta), not a loop over samples.
 """
@@ -35,6 +39,7 @@ from poison_core.attacks import targets as targeting
 from poison_core.attacks._augment import default_shift, random_shift_flip
 from poison_core.attacks._uint8 import delta_of, project, quantize, radius, random_start
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
+from poison_core.checkpoint import Checkpointer, LoopState, resume_loop, save_loop
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor
 
@@ -83,10 +88,11 @@ def ensemble_alignment(models: Sequence[nn.Module], target_grads: Sequence[Seque
 
 
 def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.ndarray, target: np.ndarray,
-                adversarial_class: int, params: WitchesBrewParams, epsilon: int,
-                seed: int) -> tuple[float, np.ndarray]:
+                adversarial_class: int, params: WitchesBrewParams, epsilon: int, seed: int,
+                checkpoint: Checkpointer | None = None) -> tuple[float, np.ndarray]:
     """One restart of the brew: returns (final alignment loss, uint8 poisoned bases). Module-level
-    and free of shared state, so orchestration can run it as a remote task."""
+    and free of shared state, so orchestration can run it as a remote task; with a checkpoint it
+    resumes from the last saved step."""
     device = next(surrogates[0].parameters()).device
     models = [m.eval() for m in surrogates]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -102,7 +108,11 @@ def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.n
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     shift = default_shift(bases.shape[1]) if params.max_shift is None else params.max_shift
     batches = batch_slices(len(bases), params.batch_size)
-    for step in range(params.steps):
+    loop = LoopState(tensors={"delta": delta}, optimizers={"adam": optimizer}, schedulers={"lr": scheduler},
+                     generator=gen)
+    done, extra = resume_loop(checkpoint, loop)
+    resumes = int(extra.get("resumes", 0)) + 1 if done else 0
+    for step in range(done, params.steps):
         grad = torch.zeros_like(delta)
         total = 0.0
         for batch in batches:
@@ -120,6 +130,8 @@ def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.n
             delta.copy_(project(delta, x0, eps))
         if step % 50 == 0:
             logger.debug("witches_brew seed %d step %d alignment loss %.4f", seed, step, total / len(batches))
+        if checkpoint is not None and checkpoint.due(step + 1):
+            save_loop(checkpoint, step + 1, loop, {"resumes": resumes})
     poisoned = quantize(bases, delta, epsilon)
     final = float(np.mean([_final_loss(models, target_grads, x0 + delta_of(poisoned, bases).to(device), y, batch)
                            for batch in batches]))
@@ -150,7 +162,8 @@ class WitchesBrew(Attack):
         surrogates = list(ctx.surrogates)
         calls = [(surrogates, train.images[kp.positions], train.labels[kp.positions],
                   test.images[kp.key.target_position:kp.key.target_position + 1], kp.key.adversarial_class, p,
-                  ctx.threat.epsilon, derive_seed(ctx.seed, self.name, i, r))
+                  ctx.threat.epsilon, derive_seed(ctx.seed, self.name, i, r),
+                  ctx.checkpoint.child(i, r) if ctx.checkpoint is not None else None)
                  for i, kp in enumerate(plans) for r in range(p.restarts)]
         results = ctx.map(run_restart, calls)
         images = []
