@@ -5,14 +5,17 @@ report test accuracy against the percentage of protected training data, 20/40/60
 Belladonna the coverage IS the threat model's budget: every availability attack protects
 floor(budget * n) uniformly drawn samples (all of them at budget 1.0), so a coverage curve is one
 benchmark cell per budget. :func:`coverage_threats` builds those threat models; the pipeline runs
-each and plots accuracy against :func:`coverage`.
+each and plots accuracy against :func:`coverage`: :func:`coverage_curves` finds, in a benchmark's
+attacks, the families that differ only in budget and reads their victims' accuracy off the summary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from poison_core.config import ThreatModel
+from poison_core.config import AttackConfig, ThreatModel
 from poison_core.errors import ConfigError
 from poison_core.poisons import PoisonSet
 
@@ -30,3 +33,39 @@ def coverage_threats(threat: ThreatModel, coverages: Sequence[float] = DEFAULT_C
 def coverage(poison_set: PoisonSet) -> float:
     """The fraction of the training set that `poison_set` perturbs."""
     return len(poison_set) / poison_set.n_train
+
+
+def coverage_curves(attacks: Sequence[AttackConfig], default: ThreatModel,
+                    summary: Sequence[Mapping[str, Any]]) -> dict[str, tuple[list[float], dict[str, list[float]]]]:
+    """Victim test accuracy against coverage, for every family of attack configs that share name,
+    params and threat model except the budget, with at least two budgets.
+
+    Returns family name -> (coverages, {defense: accuracies}); coverage 0 is the no-poison victim
+    (the mean ``baseline_clean_acc`` of the family's cells). `summary` rows are the mean over
+    seeds of each (attack key, defense) cell, as :func:`poison_core.evaluation.summarize` makes them.
+    """
+    families: dict[str, list[tuple[float, AttackConfig]]] = {}
+    for attack in attacks:
+        threat = attack.threat or default
+        family = json.dumps({"name": attack.name, "params": attack.params,
+                             "threat": threat.model_dump(mode="json", exclude={"budget"})}, sort_keys=True)
+        families.setdefault(family, []).append((threat.budget, attack))
+    curves: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
+    for members in families.values():
+        members.sort(key=lambda member: member[0])
+        if len({budget for budget, _ in members}) < 2:
+            continue
+        rows = {(r["attack"], r["defense"]): r for r in summary}
+        defenses = sorted({r["defense"] for r in summary if r["attack"] in {a.key for _, a in members}})
+        by_defense: dict[str, list[float]] = {}
+        for defense in defenses:
+            cells = [rows.get((a.key, defense)) for _, a in members]
+            if any(c is None for c in cells):
+                continue
+            baseline = sum(float(c["baseline_clean_acc"]) for c in cells) / len(cells)
+            by_defense[defense] = [baseline] + [float(c["clean_acc"]) for c in cells]
+        if by_defense:
+            name = members[0][1].name
+            label = name if name not in curves else "+".join(a.key for _, a in members)
+            curves[label] = ([0.0] + [budget for budget, _ in members], by_defense)
+    return curves

@@ -23,7 +23,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
+from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
+from poison_core.poisons import PoisonSet
 
 
 def perturbation_separability(deltas: np.ndarray, labels: np.ndarray, *, seed: int = 0, test_fraction: float = 0.3,
@@ -53,3 +55,22 @@ def perturbation_separability(deltas: np.ndarray, labels: np.ndarray, *, seed: i
         mlp.fit(x_train, y_train)
     return {"linear": float(linear.score(x_test, y_test)), "mlp": float(mlp.score(x_test, y_test)),
             "chance": 1.0 / len(classes)}
+
+
+def poison_separability(poison_set: PoisonSet, train: ImageDataset, *, max_samples: int = 2000,
+                        seed: int = 0) -> dict[str, float] | None:
+    """:func:`perturbation_separability` of a PoisonSet's deltas (at most `max_samples`, drawn with
+    `seed`), labelled by the poisons' true classes; None when it changes no pixel (label flips) or
+    covers fewer than two classes."""
+    clean = train.images[train.positions(poison_set.ids)].astype(np.int16)
+    deltas = poison_set.images.astype(np.int16) - clean
+    labels = np.asarray(poison_set.orig_labels)
+    if not deltas.any():
+        return None
+    if len(deltas) > max_samples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(deltas), size=max_samples, replace=False))
+        deltas, labels = deltas[keep], labels[keep]
+    _, counts = np.unique(labels, return_counts=True)
+    if len(counts) < 2 or counts.min() < 2:
+        return None
+    return perturbation_separability(deltas, labels, seed=seed)

@@ -1,5 +1,7 @@
 """The summarize stage: the results table, MLflow runs (one parent, one nested run per cell),
-figures (poisons per attack; attack x defense heatmaps) and a Prefect markdown artifact."""
+figures (poisons per attack; attack x defense heatmaps; DPA's certified accuracy; accuracy against
+coverage for availability attacks run at several budgets), the separability table of availability
+perturbations (TUE paper, Table 1), and a Prefect markdown artifact."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from infra import figures
 from infra.storage import Store
 from infra.tracking import Tracker
 from poison_core.config import BenchmarkConfig
+from poison_core.coverage import coverage_curves
 from poison_core.evaluation import summarize as summarize_rows
+from poison_core.separability import poison_separability
 from tasks.stages import load_splits
 
 log = logging.getLogger(__name__)
@@ -47,12 +51,22 @@ def summarize(store: str, cfg: BenchmarkConfig, prefix: str, rows: list[dict[str
             with tracker.cell_run(f"{row['attack']}|{row['defense']}|seed{row['seed']}", params=params,
                                   metrics=metrics):
                 pass
-        _log_figures(tracker, Store(store), cfg, prefix, summary, poison_keys)
+        separability = _log_figures(tracker, Store(store), cfg, prefix, summary, poison_keys)
         tracker.log_table(summary, "summary")
         tracker.log_table(rows, "cells")
-    create_markdown_artifact(markdown=f"# {cfg.name}\n\n{markdown_table(summary)}", key=_artifact_key(cfg.name),
+        markdown = f"# {cfg.name}\n\n{markdown_table(summary)}"
+        if separability:
+            tracker.log_table(separability, "separability")
+            markdown += "\n\n## Separability of the perturbations\n\n" + separability_table(separability)
+    create_markdown_artifact(markdown=markdown, key=_artifact_key(cfg.name),
                              description="Belladonna benchmark summary (mean over seeds)")
     return summary
+
+
+def separability_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| attack | linear | two-layer MLP | chance |", "|---|---|---|---|"]
+    lines += [f"| {r['attack']} | {r['linear']:.3f} | {r['mlp']:.3f} | {r['chance']:.3f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def _radius_keys(row: dict[str, Any]) -> list[str]:
@@ -65,15 +79,27 @@ def _artifact_key(name: str) -> str:
 
 
 def _log_figures(tracker: Tracker, store: Store, cfg: BenchmarkConfig, prefix: str,
-                 summary: list[dict[str, Any]], poison_keys: dict[tuple, str]) -> None:
+                 summary: list[dict[str, Any]], poison_keys: dict[tuple, str]) -> list[dict[str, Any]]:
+    """Log every figure; returns the separability rows of the availability attacks' perturbations
+    (first seed), as the TUE paper's table: a linear model's and a two-layer net's held-out accuracy
+    on (delta, label)."""
     import matplotlib.pyplot as plt
 
     train = load_splits(store, prefix).train
+    separability = []
     for attack in cfg.attacks:
         poison_set = store.read_poison_set(poison_keys[(attack.key, cfg.seeds[0])], train)
         clean = train.images[train.positions(poison_set.ids)]
         fig = figures.poison_grid(clean, poison_set.images, n=min(8, len(poison_set)))
         tracker.log_figure(fig, f"poisons_{attack.key}")
+        plt.close(fig)
+        sep = poison_separability(poison_set, train) if poison_set.targets.get("kind") == "availability" else None
+        if sep is not None:
+            separability.append({"attack": attack.key, **sep})
+    for family, (coverages, by_defense) in coverage_curves(cfg.attacks, cfg.threat, summary).items():
+        fig = figures.curve(coverages, by_defense, xlabel="coverage (fraction of the training set poisoned)",
+                            ylabel="victim test accuracy", title=f"{family}: accuracy against coverage")
+        tracker.log_figure(fig, f"coverage_{family}")
         plt.close(fig)
     curves = {f"{r['attack']} / {r['defense']}": [r[k] for k in _radius_keys(r)] for r in summary if _radius_keys(r)}
     if curves:  # DPA: certified accuracy against the number of insertions/deletions certified
@@ -89,3 +115,4 @@ def _log_figures(tracker: Tracker, store: Store, cfg: BenchmarkConfig, prefix: s
             fig = figures.heatmap(values, title=f"{metric} (mean over seeds)")
             tracker.log_figure(fig, f"heatmap_{metric}")
             plt.close(fig)
+    return separability

@@ -110,3 +110,39 @@ def test_defenses_in_the_pipeline_dpa_certificate_and_filters(prefect_server, fr
     parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/certified_accuracy.png" in figures
+
+
+AVAILABILITY_BENCHMARK = """
+name: tiny-availability
+dataset: {name: digits, n_train: 300, n_test: 120, seed: 0}
+victim:
+  model: {name: mlp, width: 32}
+  train: {epochs: 2, batch_size: 64}
+threat: {epsilon: 16, budget: 1.0, clean_label: true}
+attacks:
+  - {name: synthetic_noise, id: synthetic-50, params: {patch: 2}, threat: {epsilon: 16, budget: 0.5, clean_label: true}}
+  - {name: synthetic_noise, id: synthetic-100, params: {patch: 2}}
+  - {name: random_noise}
+seeds: [0]
+"""
+
+
+def test_availability_coverage_curve_and_separability_table_in_mlflow(prefect_server, fresh_ray, tmp_path):
+    """Attacks that differ only in budget give an accuracy-against-coverage figure; every availability
+    attack's perturbations get a separability row (synthetic noise far more separable than random)."""
+    import json
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = benchmark(config=AVAILABILITY_BENCHMARK, store=str(tmp_path / "store"), run_dir=str(tmp_path),
+                       tracking_uri=tracking)
+    assert result["computed"]["evaluate"] == 3
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name("tiny-availability")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
+    figures = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/coverage_synthetic_noise.png" in figures
+    assert not any("coverage_random_noise" in f for f in figures)  # one budget: no curve
+    local = client.download_artifacts(parent.info.run_id, "tables/separability.json", str(tmp_path / "dl"))
+    rows = {r["attack"]: r for r in json.loads(open(local).read())}
+    assert set(rows) == {"synthetic-50", "synthetic-100", "random_noise"}
+    assert rows["synthetic-100"]["linear"] > 0.9 and rows["random_noise"]["linear"] < 0.5
