@@ -69,6 +69,19 @@ def job_map(resources: ExecutionConfig) -> Callable[[Callable[..., Any], Sequenc
     return run
 
 
+class _Hosted:
+    """A worker object inside a Ray actor, built after torch is limited to the actor's CPU share."""
+
+    def __init__(self, factory: Callable[..., Any], threads: int, *args: Any) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.worker = factory(*args)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.worker, method)(*args)
+
+
 class RayActorGroup:
     """CraftContext.actors on Ray: one actor per worker, each holding its own model (MetaPoison).
 
@@ -85,8 +98,9 @@ class RayActorGroup:
         share = max(0.01, min(resources.num_cpus, ray.cluster_resources().get("CPU", 1.0) / max(1, len(init_args))))
         remote_cls = ray.remote(num_cpus=share, num_gpus=resources.num_gpus / max(1, len(init_args)),
                                 max_restarts=0, max_task_retries=0,
-                                scheduling_strategy=resources.scheduling)(factory)
-        self.actors = [remote_cls.remote(*args) for args in init_args]
+                                scheduling_strategy=resources.scheduling)(_Hosted)
+        threads = max(1, int(share))
+        self.actors = [remote_cls.remote(factory, threads, *args) for args in init_args]
 
     def call(self, method: str, args_per_worker: Sequence[tuple]) -> list[Any]:
         import ray
@@ -94,7 +108,7 @@ class RayActorGroup:
         if len(args_per_worker) != len(self.actors):
             raise ValueError(f"{len(args_per_worker)} argument tuples for {len(self.actors)} actors")
         try:
-            return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)])
+            return ray.get([a.call.remote(method, *args) for a, args in zip(self.actors, args_per_worker)])
         except ray.exceptions.RayActorError as exc:
             raise WorkerLost(f"a worker of {len(self.actors)} died during {method}: {type(exc).__name__}") from exc
 

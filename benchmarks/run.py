@@ -1,0 +1,101 @@
+"""Belladonna's benchmark runner: measures on this machine, in one run, and writes
+``<out>/results.json`` and ``<out>/results.md``.
+
+    python3 -m benchmarks.run [--quick] [--only matmul,ray_scaling] [--out benchmarks/results]
+
+Sections: ``matmul`` (the CPU's float32 matrix-multiply rate, the physical reference) and
+``ray_scaling`` (Witches' Brew restarts, MetaPoison actors, DPA partitions on 1 vs 2 Ray workers,
+see :mod:`benchmarks.ray_scaling`). The setting is Fashion-MNIST (2,000 training images) when the
+Debian package is installed, else digits. Timings are wall-clock medians where repeated; nothing
+here is asserted (speed targets live in benchmarks, never in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poison_core.config import DatasetConfig
+from poison_core.data import load_dataset
+
+log = logging.getLogger("benchmarks")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def matmul_rate(size: int = 1024, repeats: int = 10) -> list[dict[str, Any]]:
+    """GFLOP/s of float32 (size x size) @ (size x size), on one thread and on every core: the
+    reference against which crafting rates are compared."""
+    rows = []
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    before = torch.get_num_threads()
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        seconds = sorted(times)[len(times) // 2]
+        rows.append({"case": f"matmul_{size}_threads{threads}", "gflops": round(2 * size**3 / seconds / 1e9, 1)})
+    torch.set_num_threads(before)
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Machine: {results['machine']}", ""]
+    for section, rows in results["sections"].items():
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        lines += [f"### {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and epochs (a smoke run)")
+    parser.add_argument("--only", default="matmul,ray_scaling", help="comma-separated sections")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    known = {"matmul", "ray_scaling"}
+    sections = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(sections) - known)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    torch.set_num_threads(1)
+    name = "fashion-mnist" if FASHION.is_dir() else "digits"
+    splits = load_dataset(DatasetConfig(name=name, n_train=2000 if name == "fashion-mnist" else None,
+                                        n_test=500 if name == "fashion-mnist" else None, seed=0))
+    results: dict[str, Any] = {"machine": machine(), "dataset": name, "quick": args.quick, "sections": {}}
+    if "matmul" in sections:
+        results["sections"]["matmul"] = matmul_rate()
+    if "ray_scaling" in sections:
+        from benchmarks.ray_scaling import ray_scaling
+
+        results["sections"]["ray_scaling"] = ray_scaling(splits, quick=args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    log.info("wrote %s and %s", out / "results.json", out / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
