@@ -2,7 +2,10 @@
 ensemble (Ray actors) and DPA's base models (Ray tasks), each on a local Ray instance with 1 and
 then 2 CPUs (one CPU per job, torch on one thread per job).
 
-Each measurement starts a fresh Ray instance with `num_cpus` CPUs, warms its worker processes up
+Each measurement pins this process to the first `num_cpus` cores (Ray's processes inherit the
+affinity: a Ray CPU count alone only limits scheduling, and MetaPoison's actors, which all run at
+once, would still spread over every core), starts a fresh Ray instance with `num_cpus` CPUs, warms
+its worker processes up
 (they import torch and Belladonna before the clock starts), then times only the attack's craft or
 the defense's fit. The result of every run is checked to be the same bytes on 1 and 2 CPUs: the
 speed-up changes nothing but the wall time.
@@ -53,6 +56,10 @@ def _timed(num_cpus: int, run: Callable[[], bytes]) -> tuple[float, str]:
 
     ray.shutdown()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < num_cpus:
+        raise RuntimeError(f"num_cpus: {num_cpus} asked, this process may use {len(cores)} cores")
+    os.sched_setaffinity(0, cores[:num_cpus])
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")
     try:
@@ -62,6 +69,7 @@ def _timed(num_cpus: int, run: Callable[[], bytes]) -> tuple[float, str]:
         return time.perf_counter() - start, digest
     finally:
         ray.shutdown()
+        os.sched_setaffinity(0, cores)
 
 
 def _surrogate(splits: DatasetSplits, width: int) -> torch.nn.Module:
@@ -77,7 +85,7 @@ def scaling_cases(splits: DatasetSplits, quick: bool) -> dict[str, Callable[[], 
 
     surrogate = _surrogate(splits, width=16)
     threat = ThreatModel(epsilon=16, budget=0.01, clean_label=True, targets=TargetSelection(n_targets=1))
-    steps = 20 if quick else 60
+    steps = 20 if quick else 160
 
     def brew() -> bytes:
         ctx = CraftContext(train=splits.train, test=splits.test, threat=threat, seed=0, surrogates=[surrogate],
@@ -88,7 +96,7 @@ def scaling_cases(splits: DatasetSplits, quick: bool) -> dict[str, Callable[[], 
         actors = ActorFactory(EXECUTION)
         ctx = CraftContext(train=splits.train, test=splits.test, threat=threat, seed=0, surrogates=[surrogate],
                            actors=actors)
-        params = {"steps": steps // 4, "n_models": 4, "stagger_epochs": 4, "epoch_batches": 8, "batch_size": 64}
+        params = {"steps": steps // 8, "n_models": 4, "stagger_epochs": 4, "epoch_batches": 8, "batch_size": 64}
         try:
             return to_parquet_bytes(make_attack("metapoison", params).craft(ctx))
         finally:
@@ -96,7 +104,7 @@ def scaling_cases(splits: DatasetSplits, quick: bool) -> dict[str, Callable[[], 
 
     def dpa() -> bytes:
         victim = VictimConfig(model=ModelConfig(name="convnet", width=16),
-                              train=TrainConfig(epochs=4 if quick else 10, batch_size=64))
+                              train=TrainConfig(epochs=4 if quick else 30, batch_size=64))
         result = make_defense("dpa", {"k": 8}).fit(DefenseContext(train=splits.train, victim=victim, seed=0,
                                                                   map=job_map(EXECUTION)))
         votes = result.classifier.votes(splits.test.images)
