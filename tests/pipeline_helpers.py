@@ -52,11 +52,11 @@ def fresh_ray():
 
 def audit_store(store: Store, cfg) -> dict[str, int]:
     """Every stored file reads back and passes its audit; returns the count per stage folder."""
-    counts = {"datasets": 0, "poisons": 0, "models": 0, "cells": 0, "checkpoints": 0}
+    counts = {"datasets": 0, "poisons": 0, "models": 0, "cells": 0}
     train = None
     for key in store.list(""):
         folder = key.split("/")[0]
-        counts[folder] += 1
+        counts[folder] = counts.get(folder, 0) + 1  # a left-over folder (checkpoints/) shows up here
         uri = store.uri(key)
         if folder == "datasets":
             split = read_split(uri)  # verifies the content checksum

@@ -35,3 +35,6 @@ class Counter:
     def add(self, k: int) -> int:
         self.value += k
         return self.value
+
+    def pid(self) -> int:
+        return os.getpid()

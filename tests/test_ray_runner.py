@@ -3,6 +3,11 @@ and a worker process killed mid-job whose job is retried to the same result."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import pytest
 
 from infra.ray_runner import ActorFactory, RayActorGroup, ensure_ray, job_map, ray_map
@@ -33,12 +38,14 @@ def test_actor_group_more_workers_than_cpus_keeps_state(fresh_ray):
 
 
 def test_dead_actor_raises_worker_lost_instead_of_answering_from_a_fresh_state(fresh_ray):
-    import ray
-
     ensure_ray(CFG)
     group = ActorFactory(CFG)(Counter, [(0,), (5,)])
     assert group.call("add", [(1,), (1,)]) == [1, 6]
-    ray.kill(group.actors[1], no_restart=False)
+    pid = group.call("pid", [(), ()])[1]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     with pytest.raises(WorkerLost, match="a worker of 2 died during add"):
         group.call("add", [(1,), (1,)])
     group.close()
