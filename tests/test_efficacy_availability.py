@@ -1,0 +1,157 @@
+"""Efficacy of the availability attacks on a Fashion-MNIST subset, against the clean victim and the
+random-noise control.
+
+Setting (the cheapest found where the clean victim clears 0.85): 8,000 training / 2,000 test images
+(DatasetConfig seed 0), a width-16 ConvNet trained from scratch for 8 epochs (SGD + Nesterov, batch
+64, lr 0.05 cosine, weight decay 5e-4), epsilon 8/255, 100 % coverage (budget 1.0). One clean victim
+(seed 1) is shared by every assertion and doubles as the error-maximising attack's surrogate; every
+poisoned victim trains from another seed (2). Each attack is crafted once (seed 0), lazily.
+
+Bars: clean >= 0.85; class-wise error-minimising noise <= 0.30; sample-wise error-minimising noise
+>= 40 points below clean (it lands at 0.31-0.39 for crafting seeds 0-1 here, between 0.31 and 0.6
+over the crafting settings we tried, so the paper-level <= 0.30 does not hold reliably in this
+budget); synthetic noise and error-maximising poisons >= 30 points below clean; random noise of the
+same epsilon within 3 points of clean; class-wise and synthetic noise linearly separable (> 0.9)
+while random noise is far less so (< 0.6: the clip to [0, 255] leaks the silhouette, see below).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poison_core.attacks import CraftContext, make_attack
+from poison_core.config import DatasetConfig, ModelConfig, ThreatModel, TrainConfig, VictimConfig
+from poison_core.data import load_dataset
+from poison_core.data.dataset import ImageDataset
+from poison_core.defenses import DefenseContext, make_defense
+from poison_core.models import build_model
+from poison_core.poisons import apply
+from poison_core.separability import perturbation_separability
+from poison_core.training import accuracy, train_model
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")]
+log = logging.getLogger(__name__)
+
+EPSILON = 8
+VICTIM = ModelConfig(name="convnet", width=16)
+RECIPE = TrainConfig(epochs=8, batch_size=64, lr=0.05)
+ATTACKS = {
+    "error_min_sample": ("error_min", {"mode": "sample", "width": 8, "steps": 2, "max_rounds": 40}),
+    "error_min_class": ("error_min", {"mode": "class", "width": 8, "steps": 5, "noise_batches": 5, "max_rounds": 30}),
+    "synthetic_noise": ("synthetic_noise", {}),
+    "error_max": ("error_max", {"targeted": True, "steps": 10, "step_fraction": 0.25}),
+    "random_noise": ("random_noise", {}),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These small convolutions run as fast on one thread; two threads on a shared 2-core machine
+    were ~6x slower in our measurements."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_dataset(DatasetConfig(name="fashion-mnist", n_train=8000, n_test=2000, seed=0))
+
+
+def fit_victim(train, seed: int):
+    model = build_model(VICTIM, train.image_shape, train.num_classes, seed=seed)
+    train_model(model, train, RECIPE, device="cpu", seed=seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def clean(splits, one_thread):
+    model = fit_victim(splits.train, seed=1)
+    return model, accuracy(model, splits.test, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def outcome(splits, clean):
+    """Craft each attack once, on first use, and train its victim: key -> (test accuracy, int deltas,
+    poisoned training set)."""
+    cache: dict[str, tuple[float, np.ndarray, ImageDataset]] = {}
+
+    def run(key: str) -> tuple[float, np.ndarray, ImageDataset]:
+        if key not in cache:
+            name, params = ATTACKS[key]
+            start = time.perf_counter()
+            ctx = CraftContext(train=splits.train, threat=ThreatModel(epsilon=EPSILON, budget=1.0, clean_label=True),
+                               seed=0, surrogates=[clean[0]])
+            poison_set = make_attack(name, params).craft(ctx)
+            crafted = time.perf_counter()
+            poisoned = apply(poison_set, splits.train)
+            acc = accuracy(fit_victim(poisoned, seed=2), splits.test, device="cpu")
+            clean_images = splits.train.images[splits.train.positions(poison_set.ids)]
+            cache[key] = (acc, poison_set.images.astype(np.int16) - clean_images.astype(np.int16), poisoned)
+            log.info("%s: victim accuracy %.4f (clean %.4f); craft %.0fs, victim %.0fs", key, acc, clean[1],
+                     crafted - start, time.perf_counter() - crafted)
+        return cache[key]
+
+    return run
+
+
+def test_clean_victim_learns(clean):
+    assert clean[1] >= 0.85
+
+
+def test_class_wise_error_minimizing_noise_makes_data_unlearnable(outcome, clean):
+    acc = outcome("error_min_class")[0]
+    assert acc <= 0.30, f"class-wise error_min: victim accuracy {acc:.3f} (clean {clean[1]:.3f})"
+
+
+def test_sample_wise_error_minimizing_noise_falls_far_below_clean(outcome, clean):
+    acc = outcome("error_min_sample")[0]
+    assert acc <= clean[1] - 0.40, f"sample-wise error_min: victim accuracy {acc:.3f} (clean {clean[1]:.3f})"
+
+
+@pytest.mark.parametrize("key", ["synthetic_noise", "error_max"])
+def test_shortcut_and_adversarial_poisons_fall_far_below_clean(key, outcome, clean):
+    acc = outcome(key)[0]
+    assert acc <= clean[1] - 0.30, f"{key}: victim accuracy {acc:.3f} (clean {clean[1]:.3f})"
+
+
+def test_random_noise_control_stays_near_clean(outcome, clean):
+    acc = outcome("random_noise")[0]
+    assert abs(acc - clean[1]) <= 0.03, f"random noise: victim accuracy {acc:.3f} (clean {clean[1]:.3f})"
+
+
+def test_class_wise_and_synthetic_noise_are_linearly_separable_random_noise_is_not(outcome, splits):
+    """The stored deltas are measured after the [0, 255] clip, which on Fashion-MNIST's black
+    background keeps only positive draws: even random noise then traces the object's silhouette and
+    is ~0.48 separable here (it is at chance on unclipped data, see test_attacks_availability)."""
+    subset = np.random.default_rng(0).choice(len(splits.train), size=2000, replace=False)
+    labels = splits.train.labels[subset]
+    for key in ("error_min_class", "synthetic_noise"):
+        sep = perturbation_separability(outcome(key)[1][subset], labels)
+        assert sep["linear"] > 0.9 and sep["mlp"] > 0.9, f"{key}: {sep}"
+    sep = perturbation_separability(outcome("random_noise")[1][subset], labels)
+    assert sep["linear"] < 0.6 and sep["mlp"] < 0.6, f"random noise: {sep}"
+
+
+def test_adversarial_training_recovers_the_victim_from_error_minimizing_noise(outcome, clean, splits):
+    """Madry-style adversarial training at the noise's own epsilon (2 PGD steps) learns through
+    class-wise error-minimising noise (measured 0.249 -> 0.80, clean 0.87); gaussian noise (0.26)
+    and cutout (0.31) recovered little here and are not asserted."""
+    undefended, _, poisoned = outcome("error_min_class")
+    victim = VictimConfig(model=VICTIM, train=RECIPE)
+    result = make_defense("adversarial_training", {"epsilon": EPSILON, "steps": 2}).fit(
+        DefenseContext(train=poisoned, victim=victim, seed=2))
+    predicted = result.classifier.predict_logits(splits.test.images).argmax(axis=1)
+    defended = float(np.mean(predicted == splits.test.labels))
+    log.info("adversarial training on class-wise error_min: %.4f (undefended %.4f, clean %.4f)", defended,
+             undefended, clean[1])
+    assert defended >= undefended + 0.30, f"adversarial training {defended:.3f}, undefended {undefended:.3f}"

@@ -1,0 +1,275 @@
+"""Efficacy of the targeted clean-label attacks on Fashion-MNIST subsets, against two controls.
+
+Every attack is compared, key by key, with the no-poison victim (same recipe and seed) and with
+the random-noise control (i.i.d. uniform integer noise in [-eps, eps] on the *same* base images), as
+DESIGN.md's "Evaluating targeted attacks honestly" asks: the success rate over N poison keys with
+its Wilson interval, and the mean adversarial-class probability on the target (continuous effect
+size). Keys: test images the attacker's model(s) classify correctly, each with the runner-up class
+of those models as its adversarial class (a plausible class, the attacker's choice, set through the
+`fixed` target mode), poisons drawn from that class with their labels kept. Run with
+``-o log_cli=true --log-cli-level=INFO`` to see the numbers.
+
+* Transfer learning (Poison Frogs, Convex Polytope; their papers' threat model): a ConvNet (width 32,
+  128 features) pretrained on 2,000 images is frozen and only its linear head is retrained on a
+  disjoint 400-image fine-tuning set (poison_core.transfer.finetune); eps 32/255, 5 % of the
+  fine-tuning set (20 poisons) per key, 12 keys, one victim per key and arm. Measured: Poison Frogs
+  5/12 flips (Wilson 95 % [0.19, 0.68]), adv prob 0.42; Convex Polytope 3/12 ([0.09, 0.53]), 0.32;
+  clean victim 0/12, adv prob 0.08; noise 0/12, 0.08. Also measured (10 other keys): Poison Frogs at
+  eps 16 flipped 3/10 (adv prob 0.30 vs 0.05 noise); with a random adversarial class instead of the
+  runner-up, 2/10 at eps 32.
+* Training from scratch (Witches' Brew, MetaPoison): a ConvNet (width 16) trained 10 epochs on 2,000
+  images with a seed the attacker does not use. Five keys with distinct adversarial classes are
+  poisoned at once (2 % of the training set per key, eps 32/255), one victim per arm. Witches' Brew
+  raises the adv prob on every key (mean 0.34 vs 0.21 noise, 0.22 clean; flips 2/5 vs 1/5 and 1/5);
+  at 1 %/eps 16 the effect shrinks to 0.24 vs 0.21 (no flip gained). MetaPoison, scaled to CPU (2-4 models, 16-40 craft
+  steps), optimises its unrolled objective but moved no victim beyond the noise control in any
+  setting tried, so only that, and clean accuracy, are asserted for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from poison_core.attacks import CraftContext, make_attack
+from poison_core.attacks._uint8 import delta_of
+from poison_core.attacks.metapoison import MetaPoisonParams, MetaPoisonWorker
+from poison_core.config import DatasetConfig, ModelConfig, TargetSelection, ThreatModel, TrainConfig
+from poison_core.data import load_dataset
+from poison_core.data.dataset import ImageDataset
+from poison_core.metrics import wilson_interval
+from poison_core.models import build_model
+from poison_core.poisons import PoisonSet, apply
+from poison_core.training import accuracy, predict_logits, train_model
+from poison_core.transfer import extract_features, finetune
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")]
+log = logging.getLogger(__name__)
+
+HEAD = TrainConfig(epochs=30, batch_size=64, lr=0.05, weight_decay=0.0)
+SCRATCH = TrainConfig(epochs=10, batch_size=64, lr=0.05)
+VICTIM_SEED = 7
+N_TRANSFER = 12
+
+
+@dataclass
+class Arm:
+    """One victim's result on every key: adversarial-class probability, success, clean accuracy."""
+
+    adv_prob: np.ndarray
+    success: np.ndarray
+    clean_acc: float
+
+    def line(self, name: str) -> str:
+        k, n = int(self.success.sum()), len(self.success)
+        low, high = wilson_interval(k, n)
+        return (f"{name}: success {k}/{n} (Wilson 95% [{low:.2f}, {high:.2f}]), mean adv prob "
+                f"{self.adv_prob.mean():.3f}, clean acc {self.clean_acc:.3f}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def runner_up_keys(models: list, test: ImageDataset, n: int, seed: int, distinct: bool) -> list[tuple[int, int]]:
+    """n (target id, adversarial class): targets the models classify correctly, their runner-up class."""
+    probs = sum(softmax(predict_logits(m, test.images, device="cpu")) for m in models)
+    keys: list[tuple[int, int]] = []
+    for pos in np.random.default_rng(seed).permutation(len(test)):
+        order = np.argsort(probs[pos])
+        if order[-1] != test.labels[pos] or (distinct and int(order[-2]) in {a for _, a in keys}):
+            continue
+        keys.append((int(test.ids[pos]), int(order[-2])))
+        if len(keys) == n:
+            return keys
+    raise AssertionError(f"only {len(keys)} eligible targets")
+
+
+def craft(name: str, params: dict, train: ImageDataset, test: ImageDataset, models: list, key: tuple[int, int],
+          eps: int, budget: float, seed: int) -> PoisonSet:
+    threat = ThreatModel(epsilon=eps, budget=budget, clean_label=True,
+                         targets=TargetSelection(mode="fixed", target_ids=(key[0],), adversarial_class=key[1]))
+    return make_attack(name, params).craft(CraftContext(train=train, test=test, threat=threat, seed=seed,
+                                                        surrogates=models))
+
+
+def noise_like(ps: PoisonSet, train: ImageDataset, seed: int) -> PoisonSet:
+    """The random-noise control: uniform integer noise in [-eps, eps] on the same base images."""
+    eps = ps.threat.epsilon
+    clean = train.images[train.positions(ps.ids)].astype(np.int16)
+    noise = np.random.default_rng(seed).integers(-eps, eps + 1, size=clean.shape)
+    return PoisonSet(ids=ps.ids, images=np.clip(clean + noise, 0, 255).astype(np.uint8), orig_labels=ps.orig_labels,
+                     poison_labels=ps.poison_labels, threat=ps.threat, n_train=ps.n_train, targets=ps.targets)
+
+
+def merge(sets: list[PoisonSet]) -> PoisonSet:
+    """Several keys' poison sets as one (disjoint ids, budgets added)."""
+    first = sets[0]
+    threat = first.threat.model_copy(update={"budget": min(1.0, sum(s.threat.budget for s in sets))})
+    targets = {"kind": "targeted", "target_ids": [i for s in sets for i in s.targets["target_ids"]],
+               "adversarial_classes": [a for s in sets for a in s.targets["adversarial_classes"]]}
+    return PoisonSet(ids=np.concatenate([s.ids for s in sets]), images=np.concatenate([s.images for s in sets]),
+                     orig_labels=np.concatenate([s.orig_labels for s in sets]),
+                     poison_labels=np.concatenate([s.poison_labels for s in sets]), threat=threat,
+                     n_train=first.n_train, targets=targets)
+
+
+def measure(model: torch.nn.Module, test: ImageDataset, keys: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    pos = test.positions(np.array([k[0] for k in keys]))
+    adv = np.array([k[1] for k in keys])
+    probs = softmax(predict_logits(model, test.images[pos], device="cpu"))
+    return probs[np.arange(len(keys)), adv], probs.argmax(axis=1) == adv
+
+
+@pytest.fixture(scope="module")
+def transfer_setup(one_thread):
+    """A feature extractor pretrained on 2,000 images, a disjoint 400-image fine-tuning set, 10 keys."""
+    splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=2400, n_test=1000, seed=0))
+    order = np.random.default_rng(0).permutation(len(splits.train))
+    pretrain, train = splits.train.subset(order[:2000]), splits.train.subset(order[2000:])
+    extractor = build_model(ModelConfig(name="convnet", width=32), pretrain.image_shape, 10, seed=100)
+    train_model(extractor, pretrain, SCRATCH, device="cpu", seed=100)
+    keys = runner_up_keys([extractor], splits.test, N_TRANSFER, seed=1, distinct=False)
+    return extractor.eval(), train, splits.test, keys, extract_features(extractor, splits.test.images, device="cpu")
+
+
+def run_transfer(name: str, params: dict, transfer_setup, eps: int = 32, budget: float = 0.05) -> dict[str, Arm]:
+    extractor, train, test, keys, test_features = transfer_setup
+    positions = test.positions(np.array([k[0] for k in keys]))
+
+    def score(model: torch.nn.Module, key_index: int) -> tuple[float, bool, float]:
+        """The head on the frozen body's test features: target's adv prob, success, clean accuracy."""
+        with torch.no_grad():
+            probs = torch.softmax(model.head(test_features), dim=1).numpy()
+        adv, target = keys[key_index][1], positions[key_index]
+        accuracy_ = float(np.mean(probs.argmax(1) == test.labels))
+        return float(probs[target, adv]), bool(probs[target].argmax() == adv), accuracy_
+
+    clean = finetune(extractor, train, HEAD, device="cpu", seed=VICTIM_SEED)
+    rows: dict[str, list] = {"clean": [], "noise": [], "attack": []}
+    for i, key in enumerate(keys):
+        ps = craft(name, params, train, test, [extractor], key, eps, budget, seed=1000 + i)
+        rows["clean"].append(score(clean, i))
+        for arm, poison in (("noise", noise_like(ps, train, i)), ("attack", ps)):
+            rows[arm].append(score(finetune(extractor, apply(poison, train), HEAD, device="cpu", seed=VICTIM_SEED), i))
+    result = {arm: Arm(np.array([r[0] for r in v]), np.array([r[1] for r in v]), float(np.mean([r[2] for r in v])))
+              for arm, v in rows.items()}
+    for arm, value in result.items():
+        log.info("%s transfer eps %d budget %.2f %s", name, eps, budget, value.line(arm))
+    return result
+
+
+def assert_decisive(result: dict[str, Arm], min_margin: int) -> None:
+    clean, noise, attack = result["clean"], result["noise"], result["attack"]
+    assert attack.success.sum() >= max(clean.success.sum(), noise.success.sum()) + min_margin, attack.line("attack")
+    assert attack.adv_prob.mean() >= 3 * max(clean.adv_prob.mean(), noise.adv_prob.mean())
+    assert attack.clean_acc >= clean.clean_acc - 0.02
+
+
+def test_poison_frogs_on_transfer_learning(transfer_setup):
+    assert_decisive(run_transfer("poison_frogs", {"steps": 100, "lr": 0.1}, transfer_setup), min_margin=3)
+
+
+def test_convex_polytope_on_transfer_learning(transfer_setup):
+    params = {"steps": 120, "lr": 0.04, "coef_iters": 50}
+    assert_decisive(run_transfer("convex_polytope", params, transfer_setup), min_margin=3)
+
+
+@pytest.fixture(scope="module")
+def scratch_setup(one_thread):
+    """2,000 training images, two surrogates, five keys with distinct adversarial classes, the clean victim."""
+    splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=2000, n_test=1000, seed=0))
+    surrogates = []
+    for seed in (100, 101):
+        model = build_model(ModelConfig(name="convnet", width=16), splits.train.image_shape, 10, seed=seed)
+        train_model(model, splits.train, SCRATCH, device="cpu", seed=seed)
+        surrogates.append(model.eval())
+    keys = runner_up_keys(surrogates, splits.test, 5, seed=0, distinct=True)
+    clean = scratch_victim(splits.train)
+    arm = Arm(*measure(clean, splits.test, keys), accuracy(clean, splits.test, device="cpu"))
+    return splits.train, splits.test, surrogates, keys, arm, {}
+
+
+def scratch_victim(train: ImageDataset) -> torch.nn.Module:
+    model = build_model(ModelConfig(name="convnet", width=16), train.image_shape, 10, seed=VICTIM_SEED)
+    train_model(model, train, SCRATCH, device="cpu", seed=VICTIM_SEED)
+    return model.eval()
+
+
+def run_scratch(name: str, params: dict, scratch_setup, eps: int = 32,
+                budget: float = 0.02) -> tuple[dict[str, Arm], list[PoisonSet]]:
+    """Craft every key (same bases for every attack: the base draw depends on the seed only), train the
+    attack's victim; the noise control's victim is trained once and shared by the attacks."""
+    train, test, surrogates, keys, clean, cache = scratch_setup
+    sets = [craft(name, params, train, test, surrogates, key, eps, budget, seed=2000 + i) for i, key in enumerate(keys)]
+    ps = merge(sets)
+    control = noise_like(ps, train, 0)
+    if "noise" not in cache or not np.array_equal(cache["noise_ids"], ps.ids):
+        model = scratch_victim(apply(control, train))
+        cache.update(noise=Arm(*measure(model, test, keys), accuracy(model, test, device="cpu")), noise_ids=ps.ids)
+    model = scratch_victim(apply(ps, train))
+    result = {"clean": clean, "noise": cache["noise"],
+              "attack": Arm(*measure(model, test, keys), accuracy(model, test, device="cpu"))}
+    for arm, value in result.items():
+        log.info("%s from scratch eps %d budget %.2f/key %s (per key %s)", name, eps, budget, value.line(arm),
+                 [round(float(v), 3) for v in value.adv_prob])
+    return result, sets
+
+
+def assert_effect(result: dict[str, Arm], factor: float, min_keys: int) -> None:
+    clean, noise, attack = result["clean"], result["noise"], result["attack"]
+    assert attack.adv_prob.mean() >= factor * max(noise.adv_prob.mean(), clean.adv_prob.mean()), attack.line("attack")
+    assert int((attack.adv_prob > noise.adv_prob).sum()) >= min_keys
+    assert attack.success.sum() >= noise.success.sum()
+    assert attack.clean_acc >= clean.clean_acc - 0.03
+
+
+def test_witches_brew_from_scratch(scratch_setup):
+    result, _ = run_scratch("witches_brew", {"steps": 100, "restarts": 1, "augment": False}, scratch_setup)
+    assert_effect(result, factor=1.3, min_keys=4)
+
+
+def unrolled_loss(model: torch.nn.Module, train: ImageDataset, test: ImageDataset, ps: PoisonSet,
+                  params: MetaPoisonParams, draws: int) -> float:
+    """MetaPoison's objective for `ps` on `model`: the target's adversarial loss after K unrolled SGD steps,
+    averaged over `draws` fresh batch draws (seeds the crafting never used)."""
+    pos = train.positions(ps.ids)
+    target = test.images[test.positions(np.asarray(ps.targets["target_ids"]))]
+    worker = MetaPoisonWorker(model, train.images, train.labels, pos, target, ps.targets["adversarial_classes"][0],
+                              params, 0, seed=99)
+    delta = delta_of(ps.images, train.images[pos]).numpy()
+    return float(np.mean([worker.adversarial_grad(delta, 10_000 + d)[0] for d in range(draws)]))
+
+
+def test_metapoison_from_scratch(scratch_setup):
+    """MetaPoison optimises its own objective (the unrolled adversarial loss falls below the noise
+    control's on fresh batches), keeps clean accuracy, and its victim effect is measured and logged.
+    No efficacy claim is asserted: at this CPU scale no MetaPoison setting we tried moved the
+    from-scratch victim beyond the noise control (see the module docstring)."""
+    params = {"steps": 16, "n_models": 2, "stagger_epochs": 2, "epoch_batches": 4, "drop_period": 6, "lr": 0.05,
+              "batch_size": 64, "warm_start": True}
+    result, sets = run_scratch("metapoison", params, scratch_setup)
+    train, test, surrogates = scratch_setup[:3]
+    parsed = make_attack("metapoison", params).params
+    attack = [unrolled_loss(m, train, test, ps, parsed, 4) for ps in sets for m in surrogates]
+    control = [unrolled_loss(m, train, test, noise_like(ps, train, 0), parsed, 4) for ps in sets for m in surrogates]
+    log.info("metapoison unrolled adversarial loss: poisons %.3f, noise control %.3f", np.mean(attack),
+             np.mean(control))
+    assert np.mean(attack) < np.mean(control)
+    assert result["attack"].clean_acc >= result["clean"].clean_acc - 0.03
