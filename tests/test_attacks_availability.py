@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from poison_core.attacks import ATTACKS, CraftContext, make_attack
 from poison_core.attacks.clean_label_backdoor import trigger_region
 from poison_core.attacks.tue import csd, interpolate_to_classes
-from poison_core.config import ModelConfig, ThreatModel, TrainConfig
-from poison_core.coverage import DEFAULT_COVERAGES, coverage, coverage_threats
+from poison_core.config import AttackConfig, ModelConfig, ThreatModel, TrainConfig
+from poison_core.coverage import DEFAULT_COVERAGES, coverage, coverage_curves, coverage_threats
 from poison_core.errors import ConfigError
 from poison_core.models import build_model
 from poison_core.poisons import to_parquet_bytes
@@ -186,6 +186,19 @@ def test_coverage_threats_make_the_curve():
     assert [t.budget for t in threats] == list(DEFAULT_COVERAGES) and all(t.epsilon == 8 for t in threats)
     with pytest.raises(ConfigError, match=r"coverage: 1.5 is outside \(0, 1\]"):
         coverage_threats(ThreatModel(), [1.5])
+
+
+def test_coverage_curves_group_configs_that_differ_only_in_budget():
+    default = ThreatModel(epsilon=8, budget=1.0, clean_label=True)
+    attacks = [AttackConfig(name="error_min", id="em40", threat=default.model_copy(update={"budget": 0.4})),
+               AttackConfig(name="error_min"),
+               AttackConfig(name="error_min", id="em_class", params={"mode": "class"}),
+               AttackConfig(name="random_noise")]
+    summary = [{"attack": a, "defense": d, "clean_acc": acc, "baseline_clean_acc": 0.9}
+               for a, d, acc in [("em40", "none", 0.6), ("error_min", "none", 0.2), ("em40", "mixup", 0.7),
+                                 ("error_min", "mixup", 0.3), ("em_class", "none", 0.1), ("random_noise", "none", 0.9)]]
+    curves = coverage_curves(attacks, default, summary)
+    assert curves == {"error_min": ([0.0, 0.4, 1.0], {"mixup": [0.9, 0.7, 0.3], "none": [0.9, 0.6, 0.2]})}
 
 
 @pytest.mark.parametrize("name", ["error_min", "error_max", "synthetic_noise", "unlearnable_clusters", "tue",
