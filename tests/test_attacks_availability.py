@@ -40,15 +40,6 @@ CLEAN_LABEL = ["error_min", "error_max", "synthetic_noise", "unlearnable_cluster
 PERTURBING = [name for name in TINY if name != "random_labels"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread; two threads on a shared 2-core machine were ~6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def surrogate(one_thread) -> torch.nn.Module:
     model = build_model(ModelConfig(name="convnet", width=4), TRAIN.image_shape, TRAIN.num_classes, seed=0)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from threadpoolctl import threadpool_limits
 
 from poison_core.attacks import ATTACKS, CraftContext, make_attack
 from poison_core.config import DatasetConfig, ModelConfig, ThreatModel, TrainConfig, VictimConfig, load_benchmark
@@ -42,15 +41,6 @@ CASES = {
     "generative": ({"epochs": 4, "width": 4, "lr": 0.01}, ThreatModel(epsilon=8, budget=0.1, clean_label=True)),
     "pgan": ({"iterations": 5, "width": 8, "classes": (7, 1)}, ThreatModel(epsilon=64, budget=0.03, clean_label=False)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

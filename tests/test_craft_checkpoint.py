@@ -12,9 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from poison_core.attacks import CraftContext, LocalActorGroup, make_attack
 from poison_core.checkpoint import Checkpointer, CraftState
@@ -50,14 +48,6 @@ class DiesAfterSaves(Checkpointer):
     def child(self, *parts: object) -> Checkpointer:
         inner = super().child(*parts)
         return DiesAfterSaves(inner.uri, self.every, self.saves_before_death)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,6 @@ EXPECTED = {"none", "trimmed_loss", "dpa", "abl", "mixup", "cutmix", "cutout", "
             "spectral_signatures", "activation_clustering", "deep_knn"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine two threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _ctx(victim=MLP, n=96, seed=0, poison=True, **kw):
     data = tiny_dataset(n=n, k=4, seed=1)
     mask = (np.arange(n) % 10 == 0) if poison else None

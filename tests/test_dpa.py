@@ -20,15 +20,6 @@ from tests.helpers import tiny_dataset
 VICTIM = VictimConfig(model=ModelConfig(name="mlp", width=16), train=TrainConfig(epochs=1, batch_size=32))
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine two threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reachable(votes: tuple[int, ...], moves: int) -> list[set[tuple[int, ...]]]:
     """levels[d] = every vote vector reachable from `votes` by exactly d single-vote moves (a vote taken
     from one class and given to another, i.e. one base model changing its output)."""

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.config import DatasetConfig, ModelConfig, ThreatModel, TrainConfig, VictimConfig
@@ -50,16 +49,6 @@ ATTACKS = {
     "error_max": ("error_max", {"targeted": True, "steps": 10, "step_fraction": 0.25}),
     "random_noise": ("random_noise", {}),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These small convolutions run as fast on one thread; two threads on a shared 2-core machine
-    were ~6x slower in our measurements."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

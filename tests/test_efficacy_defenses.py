@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from poison_core.config import DatasetConfig, ModelConfig, TrainConfig, VictimConfig, load_benchmark
 from poison_core.data import load_dataset
@@ -57,15 +56,6 @@ defenses:
     params: {alpha: 0.7, warmup_epochs: 5}
 seeds: [0]
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small models on a shared 2-core machine run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _by_defense(result):

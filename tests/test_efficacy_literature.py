@@ -26,7 +26,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.attacks.generative import GenerativeParams, generate, train_generator
@@ -42,15 +41,6 @@ from poison_core.training import accuracy, train_model
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 SPLITS = load_dataset(DatasetConfig(name="digits", seed=0))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def convex_victim(train, test, classes=None, learner_name: str = "logistic") -> tuple[float, float]:

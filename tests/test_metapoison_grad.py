@@ -37,15 +37,6 @@ class TinyBN(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 models are fastest on one thread (and unaffected by other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def setup(model_cls: type[nn.Module], seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
