@@ -177,13 +177,8 @@ class MetaPoison(Attack):
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
-        train, test = ctx.train, ctx.test
         plans = targeting.plan(ctx, n_poison, rng)
-        assert test is not None
-        images = [self._craft_key(ctx, kp, i) for i, kp in enumerate(plans)]
-        pos = np.concatenate([kp.positions for kp in plans])
-        return Crafted(positions=pos, images=np.concatenate(images), poison_labels=train.labels[pos],
-                       targets=targeting.targets_dict([kp.key for kp in plans]))
+        return targeting.pack(ctx.train, plans, [self._craft_key(ctx, kp, i) for i, kp in enumerate(plans)])
 
     def _architecture(self, ctx: CraftContext, worker: int) -> nn.Module:
         """Worker `worker`'s model: the first surrogate (re-initialised by the worker), or with warm_start

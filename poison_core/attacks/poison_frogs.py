@@ -30,9 +30,8 @@ from pydantic import Field
 from torch import nn
 
 from poison_core.attacks import targets as targeting
-from poison_core.attacks._uint8 import project_images, quantize, radius
+from poison_core.attacks._uint8 import project_images, radius
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
-from poison_core.training import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +102,7 @@ class PoisonFrogs(Attack):
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
-        train, test = ctx.train, ctx.test
-        plans = targeting.plan(ctx, n_poison, rng)
-        assert test is not None
-        images = []
-        for kp in plans:
-            bases = to_tensor(train.images[kp.positions], ctx.device)
-            target = to_tensor(test.images[kp.key.target_position:kp.key.target_position + 1], ctx.device)
-            poisons = feature_collision(ctx.surrogates, bases, target, epsilon=ctx.threat.epsilon, params=self.params)
-            images.append(quantize(train.images[kp.positions], poisons - bases, ctx.threat.epsilon))
-        pos = np.concatenate([kp.positions for kp in plans])
-        return Crafted(positions=pos, images=np.concatenate(images), poison_labels=train.labels[pos],
-                       targets=targeting.targets_dict([kp.key for kp in plans]))
+        def craft_key(bases: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return feature_collision(ctx.surrogates, bases, target, epsilon=ctx.threat.epsilon, params=self.params)
+
+        return targeting.per_key_poisons(ctx, targeting.plan(ctx, n_poison, rng), craft_key)

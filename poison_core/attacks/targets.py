@@ -21,7 +21,7 @@ training images of its base class drawn uniformly without replacement (never sha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from poison_core.attacks.base import CraftContext
+from poison_core.attacks._uint8 import quantize
+from poison_core.attacks.base import CraftContext, Crafted
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
@@ -152,3 +153,25 @@ def targets_dict(keys: Sequence[PoisonKey]) -> dict[str, Any]:
     return {"kind": "targeted", "target_ids": [k.target_id for k in keys],
             "adversarial_classes": [k.adversarial_class for k in keys],
             "base_classes": [k.base_class for k in keys], "true_classes": [k.true_class for k in keys]}
+
+
+def pack(train: ImageDataset, plans: Sequence[KeyPlan], images: Sequence[np.ndarray]) -> Crafted:
+    """A clean-label targeted attack's result: every key's poisoned bases (images[i] for plans[i]) in
+    plan order, their labels kept, and the keys as the goal."""
+    pos = np.concatenate([kp.positions for kp in plans])
+    return Crafted(positions=pos, images=np.concatenate(images), poison_labels=train.labels[pos],
+                   targets=targets_dict([kp.key for kp in plans]))
+
+
+def per_key_poisons(ctx: CraftContext, plans: Sequence[KeyPlan],
+                    craft_key: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Crafted:
+    """Run `craft_key(bases, target)` (float NCHW tensors on ctx.device, returning poisoned bases)
+    for every key, quantise each result to the uint8 eps-ball, and :func:`pack` them."""
+    assert ctx.test is not None
+    images = []
+    for kp in plans:
+        bases = to_tensor(ctx.train.images[kp.positions], ctx.device)
+        target = to_tensor(ctx.test.images[kp.key.target_position:kp.key.target_position + 1], ctx.device)
+        poisons = craft_key(bases, target)
+        images.append(quantize(ctx.train.images[kp.positions], poisons - bases, ctx.threat.epsilon))
+    return pack(ctx.train, plans, images)

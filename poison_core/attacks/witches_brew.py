@@ -173,6 +173,4 @@ class WitchesBrew(Attack):
             logger.info("witches_brew target %d: restart losses %s, kept restart %d", kp.key.target_id,
                         ", ".join(f"{v:.4f}" for v in losses), best)
             images.append(results[i * p.restarts + best][1])
-        pos = np.concatenate([kp.positions for kp in plans])
-        return Crafted(positions=pos, images=np.concatenate(images), poison_labels=train.labels[pos],
-                       targets=targeting.targets_dict([kp.key for kp in plans]))
+        return targeting.pack(train, plans, images)
