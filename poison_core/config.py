@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poison_core.errors import ConfigError, InputError
 
@@ -47,19 +47,23 @@ class DatasetConfig(StrictModel):
         return name
 
 
+def _registered_model(name: str) -> str:
+    from poison_core.models import MODELS
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS.names())}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_registered_model)]
+"""A name in the model registry: the victim's, and that of the models attacks build themselves."""
+
+
 class ModelConfig(StrictModel):
     """An architecture from the model registry; `width` scales channels where the model has them."""
 
-    name: str = "convnet"
+    name: ModelName = "convnet"
     width: int | None = Field(None, ge=1, le=1024)
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, name: str) -> str:
-        from poison_core.models import MODELS
-
-        MODELS.entry(name)
-        return name
 
 
 class TrainConfig(StrictModel):
