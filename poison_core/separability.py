@@ -11,6 +11,9 @@ Deltas measured after the [0, 255] clip carry some of the image: where a pixel i
 positive noise survives, so on data with black backgrounds (Fashion-MNIST) even uniform random noise
 traces the object's silhouette and scores well above chance (~0.48 there). Compare attacks with the
 random-noise control on the same data rather than with 1 / K alone.
+
+scikit-learn is imported on first use: the report module that imports this one loads in every
+flow process, and sklearn costs about a second there.
 """
 
 from __future__ import annotations
@@ -18,10 +21,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier
 
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
@@ -45,6 +44,11 @@ def perturbation_separability(deltas: np.ndarray, labels: np.ndarray, *, seed: i
         raise ConfigError("labels: need at least two classes with two samples each")
     x = deltas.reshape(len(deltas), -1).astype(np.float64)
     x /= max(float(np.abs(x).max()), 1.0)
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
     x_train, x_test, y_train, y_test = train_test_split(x, labels, test_size=test_fraction, random_state=seed,
                                                         stratify=labels)
     linear = LogisticRegression(max_iter=max_iter)

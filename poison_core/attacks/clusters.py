@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from sklearn.cluster import KMeans
 from torch import nn
 
 from poison_core.attacks._pgd import choose_positions, clip_unit, frozen, quantize, to_unit, torch_generator
@@ -107,6 +106,8 @@ class UnlearnableClusters(Attack):
         k = p.n_clusters or train.num_classes
         if k > len(pos):
             raise ConfigError(f"params.n_clusters: {k} clusters need at least {k} protected samples, got {len(pos)}")
+        from sklearn.cluster import KMeans  # here, not at import: sklearn costs every process ~1 s
+
         model = ctx.surrogates[0]
         with frozen([model]):
             feats = surrogate_features(model, images, ctx.device)

@@ -4,7 +4,8 @@ Wraps ``torchvision.models.MobileNetV2`` (random init, no pretrained weights). T
 `in_channels`; for small images (side <= 64) the stem has stride 1 and the second bottleneck stage
 stride 1 as in CIFAR ports, so the network downsamples 8x instead of 32x. The classifier's dropout
 is dropped: the head is the bare linear layer. `width` is the stem width (32 in the paper); the
-paper's width multiplier is ``width / 32``.
+paper's width multiplier is ``width / 32``. torchvision is imported when a MobileNetV2 is built,
+not when the model registry loads (it costs every process, Ray workers included, about a second).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import MobileNetV2 as TorchvisionMobileNetV2
 
 from poison_core.models import MODELS, Classifier
 
@@ -30,6 +30,8 @@ class MobileNetV2(Classifier):
     """torchvision's inverted-residual body -> global average pool -> linear head."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], width: int) -> None:
+        from torchvision.models import MobileNetV2 as TorchvisionMobileNetV2
+
         super().__init__()
         small = min(image_size) <= SMALL_IMAGE_SIDE
         net = TorchvisionMobileNetV2(num_classes=num_classes, width_mult=width / DEFAULT_WIDTH,
