@@ -70,8 +70,12 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML; defa
     cfg = _load(config, preflight=True)
     root = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store")).root
     _quiet_services()
+    from infra.services import start_services
+
+    services = start_services(cfg.execution)
     from flows.benchmark import benchmark
 
+    services.wait()
     yaml_text = config.read_text(encoding="utf-8") if config is not None else _preset_text(QUICKSTART)
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
         start = time.perf_counter()

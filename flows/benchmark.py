@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from prefect import flow
 
 from infra.ray_runner import ensure_ray
+from infra.services import warm_tracking
 from infra.storage import Store
 from poison_core.config import BenchmarkConfig, load_benchmark
 from tasks import prefect_tasks as t
@@ -42,6 +43,7 @@ def benchmark(config: str, store: str | None = None, run_dir: str = "runs",
     clock = _Clock()
     with clock("ray"):
         ensure_ray(cfg.execution)
+    tracking = warm_tracking(tracking_uri, cfg.name, run_dir)
     with clock("ingest"):
         dataset = t.ingest(root, cfg)
     with clock("pretrain"):
@@ -56,15 +58,24 @@ def benchmark(config: str, store: str | None = None, run_dir: str = "runs",
                 "retrain": _count(models), "evaluate": _count(cells)}
     rows = [read_cell(Store(root), c.key) for c in cells.values()]
     with clock("summarize"):
+        tracking.join()
         summary = summarize(root, cfg, dataset.key, rows, {k: v.key for k, v in poisons.items()}, computed,
                             tracking_uri, run_dir)
+    compute = {"ingest": dataset.seconds, "pretrain": _seconds(surrogates), "craft": _seconds(poisons),
+               "retrain": _seconds(models), "evaluate": _seconds(cells)}
     return {"rows": rows, "summary": summary, "computed": computed, "stage_seconds": clock.seconds,
+            "compute_seconds": {k: round(v, 3) for k, v in compute.items()},
             "poisons": {f"{a}/seed{s}": p.key for (a, s), p in poisons.items()},
             "nodes": sorted({o.node for o in [*models.values(), *cells.values()] if o.node})}
 
 
 def _count(outputs: dict[Any, StageOutput]) -> int:
     return sum(o.computed for o in outputs.values())
+
+
+def _seconds(outputs: dict[Any, StageOutput]) -> float:
+    """Core compute seconds summed over a stage's jobs (they may have run in parallel)."""
+    return sum(o.seconds for o in outputs.values())
 
 
 class _Clock:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +40,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StageOutput:
-    """Where a stage's output lives and whether this call computed it (False: reused)."""
+    """Where a stage's output lives, whether this call computed it (False: reused), and the seconds
+    spent in its core compute (the poison_core call: no store I/O, no orchestration)."""
 
     key: str
     computed: bool
     node: str = ""
+    seconds: float = 0.0
 
 
 def _node() -> str:
@@ -55,8 +60,24 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def _done(key: str, computed: bool) -> StageOutput:
-    return StageOutput(key, computed, _node())
+def _done(key: str, computed: bool, clock: "_Compute | None" = None) -> StageOutput:
+    return StageOutput(key, computed, _node(), clock.seconds if clock is not None else 0.0)
+
+
+class _Compute:
+    """Accumulates the wall seconds of a stage's core compute (what orchestration overhead is
+    measured against, see benchmarks/orchestration.py)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def as_store(store: Store | str) -> Store:
@@ -78,10 +99,12 @@ def ingest(store: Store | str, cfg: DatasetConfig) -> StageOutput:
     prefix = dataset_prefix(cfg)
     if store.exists(f"{prefix}/train.parquet") and store.exists(f"{prefix}/test.parquet"):
         return _done(prefix, False)
-    splits = load_dataset(cfg)
+    clock = _Compute()
+    with clock():
+        splits = load_dataset(cfg)
     for split, data in (("test", splits.test), ("train", splits.train)):  # train last: it marks completion
         write_split(data, store.uri(prefix, f"{split}.parquet"), store.storage_options)
-    return _done(prefix, True)
+    return _done(prefix, True, clock)
 
 
 def load_splits(store: Store, prefix: str) -> DatasetSplits:
@@ -103,9 +126,11 @@ def pretrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, seed: int, i
     if store.exists(key):
         return _done(key, False)
     splits = load_splits(store, prefix)
-    model = train_surrogate(cfg, splits.train, seed, index, torch.device(device))
+    clock = _Compute()
+    with clock():
+        model = train_surrogate(cfg, splits.train, seed, index, torch.device(device))
     save_model(model, store.uri(key), {"role": "surrogate"}, store.storage_options)
-    return _done(key, True)
+    return _done(key, True, clock)
 
 
 def load_surrogates(store: Store, cfg: BenchmarkConfig, prefix: str, seed: int, splits: DatasetSplits,
@@ -149,14 +174,16 @@ def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackC
                        actors=actors, retries=cfg.execution.max_retries,
                        checkpoint=Checkpointer(store.uri(checkpoints, "craft.safetensors"),
                                                cfg.execution.checkpoint_every, store.storage_options))
+    clock = _Compute()
     try:
-        poison_set = attacker.craft(ctx)
+        with clock():
+            poison_set = attacker.craft(ctx)
     finally:
         actors.close()
     store.write_poison_set(key, poison_set, splits.train)
     for stale in store.list(checkpoints):
         store.delete(stale)
-    return _done(key, True)
+    return _done(key, True, clock)
 
 
 def checkpoint_prefix(poison_key_: str) -> str:
@@ -185,10 +212,12 @@ def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: Defe
         train, mask = apply(poison_set, splits.train), poison_mask(poison_set, splits.train)
     ctx = DefenseContext(train=train, victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
                          device=torch.device(device), is_poison=mask, map=job_map(cfg.execution))
-    result = make_defense(defense.name, defense.params).fit(ctx)
+    clock = _Compute()
+    with clock():
+        result = make_defense(defense.name, defense.params).fit(ctx)
     save_classifier(result.classifier, store.uri(key), {"history": result.history, "info": result.info},
                     store.storage_options)
-    return _done(key, True)
+    return _done(key, True, clock)
 
 
 def _load_classifier(store: Store, cfg: BenchmarkConfig, key: str, splits: DatasetSplits,
@@ -208,10 +237,12 @@ def evaluate_cell(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack:
     poison_set: PoisonSet = store.read_poison_set(poisons, splits.train)
     poisoned, info = _load_classifier(store, cfg, model, splits, device)
     clean, _ = _load_classifier(store, cfg, clean_model, splits, device)
-    row = cell_row(attack, defense, seed, poisoned, clean, splits.test, poison_set, info.get("info", {}))
+    clock = _Compute()
+    with clock():
+        row = cell_row(attack, defense, seed, poisoned, clean, splits.test, poison_set, info.get("info", {}))
     row.update({"poison_id": poisons, "model_id": model})
     store.write_bytes(key, json.dumps(row, sort_keys=True).encode())
-    return _done(key, True)
+    return _done(key, True, clock)
 
 
 def read_cell(store: Store, key: str) -> dict[str, Any]:

@@ -42,6 +42,8 @@ def test_run_writes_results_and_audited_poison_sets(tmp_path):
     assert {row["attack"] for row in results["rows"]} == {"badnets", "label_flip"}
     assert 0.0 <= results["rows"][0]["clean_acc"] <= 1.0
     assert set(results["stage_seconds"]) >= {"ingest", "craft", "retrain", "evaluate", "summarize"}
+    compute = results["compute_seconds"]
+    assert 0 < compute["retrain"] <= 2 * results["seconds"] and compute["pretrain"] == 0
     train = load_dataset(load_benchmark(config).dataset).train
     key = results["poisons"]["label_flip/seed3"]
     ps = read_poison_set(str(tmp_path / "out" / "store" / key), train)
