@@ -67,7 +67,12 @@ class ModelConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """A training recipe: optimizer, schedule, epochs. Defaults suit the small CPU ConvNet."""
+    """A training recipe: optimizer, schedule, epochs. Defaults suit the small CPU ConvNet.
+
+    compile: run the training forward and backward through ``torch.compile`` (TorchInductor). On
+    one CPU thread the width-16 ConvNet's step goes from 25 to 17 ms (1.43x) after a ~23 s compile,
+    so it pays from a few thousand steps on; off by default (the CPU configs train a few hundred).
+    """
 
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(128, ge=1, le=65536)
@@ -77,6 +82,7 @@ class TrainConfig(StrictModel):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0, le=1)
     schedule: Literal["none", "cosine", "step"] = "cosine"
+    compile: bool = False
 
 
 class VictimConfig(StrictModel):

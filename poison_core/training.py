@@ -141,8 +141,9 @@ def train_model(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, devic
         shuffle_gen = torch.Generator().manual_seed(shuffle_seed)
         augment_gen = torch.Generator(device=device).manual_seed(augment_seed)
         optimizer = make_optimizer(model, cfg)
+        forward = torch.compile(model) if cfg.compile else model
         for epoch in range(cfg.epochs):
-            record = _train_epoch(model, data, cfg, optimizer, batches, epoch, shuffle_gen, augment_gen,
+            record = _train_epoch(model, forward, data, cfg, optimizer, batches, epoch, shuffle_gen, augment_gen,
                                   hooks, device)
             if eval_data is not None:
                 record["eval_acc"] = accuracy(model, eval_data, device=device)
@@ -155,9 +156,10 @@ def train_model(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, devic
     return history
 
 
-def _train_epoch(model: nn.Module, data: ImageDataset, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                 batches: list[slice], epoch: int, shuffle_gen: torch.Generator, augment_gen: torch.Generator,
-                 hooks: TrainHooks, device: torch.device) -> dict[str, Any]:
+def _train_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], data: ImageDataset,
+                 cfg: TrainConfig, optimizer: torch.optim.Optimizer, batches: list[slice], epoch: int,
+                 shuffle_gen: torch.Generator, augment_gen: torch.Generator, hooks: TrainHooks,
+                 device: torch.device) -> dict[str, Any]:
     model.train()
     order = torch.randperm(len(data), generator=shuffle_gen)
     epoch_lr = learning_rate(cfg, epoch * len(batches), len(batches))
@@ -171,7 +173,7 @@ def _train_epoch(model: nn.Module, data: ImageDataset, cfg: TrainConfig, optimiz
         y = torch.from_numpy(data.labels[idx_np]).to(device)
         if hooks.augment is not None:
             x, y = hooks.augment(x, y, augment_gen)
-        logits = model(x)
+        logits = forward(x)
         targets = y.to(logits.dtype) if y.is_floating_point() else y
         per_sample = F.cross_entropy(logits, targets, reduction="none")
         if hooks.loss is not None:

@@ -175,3 +175,21 @@ def test_predict_and_accuracy_agree(small) -> None:
     assert labels.dtype == np.int64 and np.array_equal(labels, logits.argmax(1))
     assert accuracy(model, small, device=CPU) == pytest.approx(float(np.mean(labels == small.labels)))
     assert predict_logits(model, small.images[:0], device=CPU).shape == (0, 10)
+
+
+def test_compiled_training_matches_eager(small) -> None:
+    """TrainConfig.compile runs the same optimisation through torch.compile (TorchInductor on CPU
+    needs a C++ compiler: .ci/run installs g++)."""
+    cfg = TrainConfig(epochs=2, batch_size=50)
+    eager, compiled = _model(), _model()
+    train_model(eager, small, cfg, device=CPU, seed=3)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    history = train_model(compiled, small, cfg.model_copy(update={"compile": True}), device=CPU, seed=3)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward really went through dynamo
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]
+    se, sc = eager.state_dict(), compiled.state_dict()
+    assert set(se) == set(sc)
+    assert all(torch.allclose(se[k].float(), sc[k].float(), atol=1e-3, rtol=1e-3) for k in se)
+    assert not all(torch.equal(se[k], _model().state_dict()[k]) for k in se)
