@@ -50,8 +50,9 @@ def _import_everything(_: int) -> int:
     return os.getpid()
 
 
-def _timed(num_cpus: int, run: Callable[[], bytes]) -> tuple[float, str]:
-    """(seconds, sha256 of the result) of run() on a fresh local Ray instance with `num_cpus` CPUs."""
+def _timed(num_cpus: int, run: Callable[[], bytes], repeats: int = 1) -> tuple[float, str]:
+    """(median seconds over `repeats` runs, sha256 of the result) of run() on a fresh local Ray
+    instance with `num_cpus` CPUs; every repeat must give the same bytes."""
     import ray
 
     ray.shutdown()
@@ -64,9 +65,15 @@ def _timed(num_cpus: int, run: Callable[[], bytes]) -> tuple[float, str]:
              _node_ip_address="127.0.0.1")
     try:
         _warm(num_cpus)
-        start = time.perf_counter()
-        digest = hashlib.sha256(run()).hexdigest()
-        return time.perf_counter() - start, digest
+        times, digests = [], set()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            digests.add(hashlib.sha256(run()).hexdigest())
+            times.append(time.perf_counter() - start)
+        if len(digests) != 1:
+            raise RuntimeError(f"ray_scaling: {repeats} repeats on {num_cpus} CPU(s) gave "
+                               f"{len(digests)} different results")
+        return float(np.median(times)), digests.pop()
     finally:
         ray.shutdown()
         os.sched_setaffinity(0, cores)
@@ -114,11 +121,13 @@ def scaling_cases(splits: DatasetSplits, quick: bool) -> dict[str, Callable[[], 
 
 
 def ray_scaling(splits: DatasetSplits, quick: bool = False) -> list[dict[str, Any]]:
-    """One row per case: seconds on 1 and 2 CPUs, speed-up, and whether the results are identical."""
+    """One row per case: median seconds (of 3 runs; 1 with `quick`) on 1 and 2 CPUs, speed-up, and
+    whether the results are identical."""
     rows = []
+    repeats = 1 if quick else 3
     for name, run in scaling_cases(splits, quick).items():
-        one, digest_one = _timed(1, run)
-        two, digest_two = _timed(2, run)
+        one, digest_one = _timed(1, run, repeats)
+        two, digest_two = _timed(2, run, repeats)
         rows.append({"case": name, "seconds_1_worker": round(one, 2), "seconds_2_workers": round(two, 2),
                      "speedup": round(one / two, 2), "identical_results": digest_one == digest_two})
         log.info("%s: 1 worker %.1fs, 2 workers %.1fs, speed-up %.2fx", name, one, two, one / two)

@@ -1,13 +1,23 @@
 """Belladonna's benchmark runner: measures on this machine, in one run, and writes
 ``<out>/results.json`` and ``<out>/results.md``.
 
-    python3 -m benchmarks.run [--quick] [--only matmul,ray_scaling] [--out benchmarks/results]
+    python3 -m benchmarks.run [--quick] [--only matmul,throughput,...] [--out benchmarks/results]
 
-Sections: ``matmul`` (the CPU's float32 matrix-multiply rate, the physical reference) and
-``ray_scaling`` (Witches' Brew restarts, MetaPoison actors, DPA partitions on 1 vs 2 Ray workers,
-see :mod:`benchmarks.ray_scaling`). The setting is Fashion-MNIST (2,000 training images) when the
-Debian package is installed, else digits. Timings are wall-clock medians where repeated; nothing
-here is asserted (speed targets live in benchmarks, never in tests).
+Sections:
+
+* ``matmul``: the CPU's float32 matrix-multiply rate, the physical reference (the best one-thread
+  rate over three sizes is what crafting rates are compared with);
+* ``throughput``: every attack's crafting throughput and FLOP rate (:mod:`benchmarks.throughput`);
+* ``growth``: crafting time against the number of poisons and the ensemble size
+  (:mod:`benchmarks.growth`);
+* ``ray_scaling``: Witches' Brew restarts, MetaPoison actors, DPA partitions on 1 vs 2 Ray workers
+  (:mod:`benchmarks.ray_scaling`);
+* ``orchestration``: the quick-start flow's wall time against its core compute
+  (:mod:`benchmarks.orchestration`).
+
+The setting is Fashion-MNIST (2,000 training images) when the Debian package is installed, else
+digits. Timings are wall-clock medians where repeated; nothing here is asserted (speed targets live
+in benchmarks, never in tests).
 """
 
 from __future__ import annotations
@@ -30,24 +40,33 @@ log = logging.getLogger("benchmarks")
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def matmul_rate(size: int = 1024, repeats: int = 10) -> list[dict[str, Any]]:
-    """GFLOP/s of float32 (size x size) @ (size x size), on one thread and on every core: the
-    reference against which crafting rates are compared."""
+SECTIONS = ("matmul", "throughput", "growth", "ray_scaling", "orchestration")
+
+
+def matmul_rate(sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 10) -> list[dict[str, Any]]:
+    """GFLOP/s (median of `repeats`) of float32 (n x n) @ (n x n), on one thread and on every core:
+    the reference against which crafting rates are compared."""
     rows = []
-    a, b = torch.randn(size, size), torch.randn(size, size)
     before = torch.get_num_threads()
-    for threads in sorted({1, os.cpu_count() or 1}):
+    for threads in sorted({1, len(os.sched_getaffinity(0))}):
         torch.set_num_threads(threads)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for size in sizes:
+            a, b = torch.randn(size, size), torch.randn(size, size)
             a @ b
-            times.append(time.perf_counter() - start)
-        seconds = sorted(times)[len(times) // 2]
-        rows.append({"case": f"matmul_{size}_threads{threads}", "gflops": round(2 * size**3 / seconds / 1e9, 1)})
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            seconds = sorted(times)[len(times) // 2]
+            rows.append({"case": f"matmul_{size}", "threads": threads, "gflops": round(2 * size**3 / seconds / 1e9, 1)})
     torch.set_num_threads(before)
     return rows
+
+
+def reference_gflops(rows: list[dict[str, Any]]) -> float:
+    """The best one-thread matmul rate: crafts run on one thread."""
+    return max(r["gflops"] for r in rows if r["threads"] == 1)
 
 
 def machine() -> dict[str, Any]:
@@ -57,7 +76,8 @@ def machine() -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Machine: {results['machine']}", ""]
+    lines = [f"Machine: {results['machine']}", "",
+             f"Reference: {results['reference_gflops']} GFLOP/s (best one-thread float32 matmul)", ""]
     for section, rows in results["sections"].items():
         columns = list(dict.fromkeys(k for row in rows for k in row))
         lines += [f"### {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -69,11 +89,11 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and epochs (a smoke run)")
-    parser.add_argument("--only", default="matmul,ray_scaling", help="comma-separated sections")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    known = {"matmul", "ray_scaling"}
+    known = set(SECTIONS)
     sections = [s for s in args.only.split(",") if s]
     unknown = sorted(set(sections) - known)
     if unknown:
@@ -83,12 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_dataset(DatasetConfig(name=name, n_train=2000 if name == "fashion-mnist" else None,
                                         n_test=500 if name == "fashion-mnist" else None, seed=0))
     results: dict[str, Any] = {"machine": machine(), "dataset": name, "quick": args.quick, "sections": {}}
+    matmul = matmul_rate()
+    results["reference_gflops"] = reference_gflops(matmul)
     if "matmul" in sections:
-        results["sections"]["matmul"] = matmul_rate()
+        results["sections"]["matmul"] = matmul
+    if "throughput" in sections:
+        from benchmarks.throughput import throughput
+
+        results["sections"]["throughput"] = throughput(splits, results["reference_gflops"])
+    if "growth" in sections:
+        from benchmarks.growth import growth
+
+        results["sections"]["growth"] = growth(splits, quick=args.quick)
     if "ray_scaling" in sections:
         from benchmarks.ray_scaling import ray_scaling
 
         results["sections"]["ray_scaling"] = ray_scaling(splits, quick=args.quick)
+    if "orchestration" in sections:
+        from benchmarks.orchestration import orchestration
+
+        results["sections"]["orchestration"] = orchestration()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
