@@ -1,7 +1,7 @@
 """Belladonna's benchmark runner: measures on this machine, in one run, and writes
 ``<out>/results.json`` and ``<out>/results.md``.
 
-    python3 -m benchmarks.run [--quick] [--only matmul,throughput,...] [--out benchmarks/results]
+    python3 -m benchmarks.run [--quick] [--only matmul,throughput,...] [--merge] [--out benchmarks/results]
 
 Sections:
 
@@ -80,7 +80,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"Reference: {results['reference_gflops']} GFLOP/s (best one-thread float32 matmul)", ""]
     for section, rows in results["sections"].items():
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        lines += [f"### {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += [f"### {section} (measured {results.get('measured', {}).get(section, '?')})", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
         lines.append("")
     return "\n".join(lines)
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps and epochs (a smoke run)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections of an existing results.json that this run does not measure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     known = set(SECTIONS)
@@ -124,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
 
         results["sections"]["orchestration"] = orchestration()
     out = Path(args.out)
+    today = results["machine"]["date"]
+    results["measured"] = {section: today for section in results["sections"]}
+    if args.merge and (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text())
+        kept = {k: v for k, v in previous.get("sections", {}).items() if k not in results["sections"]}
+        results["measured"] = {**{k: previous.get("measured", {}).get(k, previous["machine"]["date"]) for k in kept},
+                               **results["measured"]}
+        results["sections"] = {**kept, **results["sections"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))

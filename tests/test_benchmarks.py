@@ -63,6 +63,15 @@ def test_runner_writes_json_and_markdown(tmp_path):
     assert results["reference_gflops"] == max(r["gflops"] for r in rows if r["threads"] == 1)
     markdown = (tmp_path / "results.md").read_text()
     assert "### matmul" in markdown and "Reference:" in markdown
+    previous = results["measured"]["matmul"]
+    results["sections"]["growth"] = [{"series": "kept", "seconds": 1.0}]
+    results["measured"]["growth"] = "earlier"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert runner.main(["--only", "matmul", "--merge", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert merged["sections"]["growth"] == [{"series": "kept", "seconds": 1.0}]
+    assert merged["measured"]["growth"] == "earlier" and merged["measured"]["matmul"] >= previous
+    assert "### growth (measured earlier)" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
         runner.main(["--only", "matmul,nosuch", "--out", str(tmp_path / "bad")])
     assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()
