@@ -43,24 +43,24 @@ def benchmark(config: str, store: str | None = None, run_dir: str = "runs",
     clock = _Clock()
     with clock("ray"):
         ensure_ray(cfg.execution)
-    tracking = warm_tracking(tracking_uri, cfg.name, run_dir)
-    with clock("ingest"):
-        dataset = t.ingest(root, cfg)
-    with clock("pretrain"):
-        surrogates = t.pretrain(root, cfg, dataset.key)
-    with clock("craft"):
-        poisons = t.craft(root, cfg, dataset.key)
-    with clock("retrain"):
-        models = t.retrain(root, cfg, dataset.key, poisons)
-    with clock("evaluate"):
-        cells = t.evaluate(root, cfg, dataset.key, poisons, models)
-    computed = {"ingest": int(dataset.computed), "pretrain": _count(surrogates), "craft": _count(poisons),
-                "retrain": _count(models), "evaluate": _count(cells)}
-    rows = [read_cell(Store(root), c.key) for c in cells.values()]
-    with clock("summarize"):
-        tracking.join()
-        summary = summarize(root, cfg, dataset.key, rows, {k: v.key for k, v in poisons.items()}, computed,
-                            tracking_uri, run_dir)
+    with warm_tracking(tracking_uri, cfg.name, run_dir) as tracking:
+        with clock("ingest"):
+            dataset = t.ingest(root, cfg)
+        with clock("pretrain"):
+            surrogates = t.pretrain(root, cfg, dataset.key)
+        with clock("craft"):
+            poisons = t.craft(root, cfg, dataset.key)
+        with clock("retrain"):
+            models = t.retrain(root, cfg, dataset.key, poisons)
+        with clock("evaluate"):
+            cells = t.evaluate(root, cfg, dataset.key, poisons, models)
+        computed = {"ingest": int(dataset.computed), "pretrain": _count(surrogates), "craft": _count(poisons),
+                    "retrain": _count(models), "evaluate": _count(cells)}
+        rows = [read_cell(Store(root), c.key) for c in cells.values()]
+        with clock("summarize"):
+            tracking.join()
+            summary = summarize(root, cfg, dataset.key, rows, {k: v.key for k, v in poisons.items()}, computed,
+                                tracking_uri, run_dir)
     compute = {"ingest": dataset.seconds, "pretrain": _seconds(surrogates), "craft": _seconds(poisons),
                "retrain": _seconds(models), "evaluate": _seconds(cells)}
     return {"rows": rows, "summary": summary, "computed": computed, "stage_seconds": clock.seconds,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from infra.ray_runner import ensure_ray
 from poison_core.config import ExecutionConfig
@@ -55,11 +57,13 @@ def start_services(execution: ExecutionConfig) -> Services:
     return services
 
 
-def warm_tracking(tracking_uri: str | None, experiment: str, run_dir: str) -> threading.Thread:
+@contextmanager
+def warm_tracking(tracking_uri: str | None, experiment: str, run_dir: str) -> Iterator[threading.Thread]:
     """Import MLflow and matplotlib and open (on a new run folder: create and migrate) the tracking
     database in a background thread while the flow's jobs run on Ray: about 3 s that the summarize
-    stage would otherwise spend after the last job. Join it before summarizing; a failure here is
-    only logged, the summarize stage's own Tracker raises it."""
+    stage would otherwise spend after the last job. Yields the thread (join it before summarizing)
+    and joins it on the way out, also when the flow fails, so the database is never left half
+    created. A failure here is only logged: the summarize stage's own Tracker raises it."""
 
     def warm() -> None:
         try:
@@ -74,4 +78,7 @@ def warm_tracking(tracking_uri: str | None, experiment: str, run_dir: str) -> th
 
     thread = threading.Thread(target=warm, name="tracking-warm-up", daemon=True)
     thread.start()
-    return thread
+    try:
+        yield thread
+    finally:
+        thread.join()

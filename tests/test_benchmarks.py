@@ -81,7 +81,9 @@ def test_tracking_warm_up_creates_the_experiment(tmp_path):
     from infra.services import warm_tracking
     from infra.tracking import Tracker
 
-    warm_tracking(None, "warmed", str(tmp_path)).join(timeout=120)
+    with warm_tracking(None, "warmed", str(tmp_path)) as thread:
+        pass
+    assert not thread.is_alive()
     assert (tmp_path / "mlflow.db").is_file()
     tracker = Tracker(None, "warmed", run_dir=tmp_path)
     assert tracker.client.get_experiment_by_name("warmed").experiment_id == tracker.experiment_id

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +129,8 @@ def certified_report(classifier: EnsembleClassifier, images: np.ndarray, labels:
     return out
 
 
-def _largest_first(map_fn, calls: list[tuple], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+def _largest_first(map_fn: Callable[[Callable[..., Any], Sequence[tuple]], list[Any]], calls: list[tuple],
+                   sizes: list[int]) -> list[dict[str, torch.Tensor]]:
     """ctx.map over the partitions, submitted largest first (longest-processing-time order: the
     workers then finish closer together), results given back in partition order. Each job is seeded
     by its partition, so the order changes only the wall time."""
