@@ -111,6 +111,16 @@ def test_error_min_stops_at_stop_accuracy(surrogate):
     assert ps.targets["rounds"] == 1 and ps.targets["crafting_train_acc"] >= 0.01
 
 
+@pytest.mark.parametrize("random_start", [True, False])
+def test_error_min_starts_uniform_or_at_zero(surrogate, random_start):
+    """One round of one 0.1-eps step: from zero the noise can move at most 0.8/255 (one grey level after
+    rounding); from the uniform start it keeps the start's spread over the whole eps-ball."""
+    params = {"random_start": random_start, "max_rounds": 1, "steps": 1, "step_fraction": 0.1}
+    ps = craft("error_min", surrogate, params, budget=1.0)
+    spread = np.abs(ps.images.astype(np.int16) - clean_of(ps).astype(np.int16)).max()
+    assert spread == EPS if random_start else spread <= 1
+
+
 def test_random_labels_redraw_over_all_classes(surrogate):
     ps = craft("random_labels", surrogate, budget=1.0, epsilon=0)
     assert np.array_equal(ps.images, clean_of(ps))

@@ -7,12 +7,18 @@ Setting (the cheapest found where the clean victim clears 0.85): 8,000 training 
 (seed 1) is shared by every assertion and doubles as the error-maximising attack's surrogate; every
 poisoned victim trains from another seed (2). Each attack is crafted once (seed 0), lazily.
 
-Bars: clean >= 0.85; class-wise error-minimising noise <= 0.30; sample-wise error-minimising noise
->= 40 points below clean (it lands at 0.31-0.39 for crafting seeds 0-1 here, between 0.31 and 0.6
-over the crafting settings we tried, so the paper-level <= 0.30 does not hold reliably in this
-budget); synthetic noise and error-maximising poisons >= 30 points below clean; random noise of the
-same epsilon within 3 points of clean; class-wise and synthetic noise linearly separable (> 0.9)
-while random noise is far less so (< 0.6: the clip to [0, 255] leaks the silhouette, see below).
+Bars: clean >= 0.85; class-wise error-minimising noise <= 0.30; sample-wise error-minimising noise >= 40
+points below clean (the paper-level <= 0.30 does not hold reliably here: 0.31 and 0.44 for crafting
+seeds 0 and 1; see below); synthetic noise and error-maximising poisons >= 30 points below clean; random
+noise of the same epsilon within 3 points of clean; class-wise and synthetic noise linearly separable
+(> 0.9) while random noise is far less so (< 0.6: the clip to [0, 255] leaks the silhouette, see below).
+
+Sample-wise crafting settings measured (victim accuracy, crafting seed 0 unless noted; each run ~1 min
+of crafting on one core): the setting below 0.31 (seed 1: 0.44); 5 noise steps 0.34; 0.25-eps steps
+0.35; one 0.5-eps step (seed 1) 0.69; stop at 99.9 % 0.34; 5 model steps per round 0.38, 20 steps 0.64
+(seed 1: 0.64); crafting width 2 / 4 / 16: 0.46 / 0.56 / 0.60; zero start (the paper's scripts) 0.52,
+with batch 512 0.49; 10 noise steps on 16 batches per round 0.59 (seed 1: 0.53); noise steps with
+train-mode BatchNorm 0.52 (seed 1: 0.59).
 """
 
 from __future__ import annotations
