@@ -98,7 +98,8 @@ def test_refuses_dirty_label_threat_and_missing_surrogates(name, surrogates):
     ("poison_frogs", {"steps": 0}), ("poison_frogs", {"watermark": 1.5}), ("poison_frogs", {"lr": 0}),
     ("convex_polytope", {"lr": -1}), ("convex_polytope", {"coef_iters": 0}),
     ("witches_brew", {"restarts": 0}), ("witches_brew", {"tau": 0}), ("witches_brew", {"nope": 1}),
-    ("metapoison", {"n_models": 0}), ("metapoison", {"unroll_steps": 0}), ("metapoison", {"stagger_epochs": 0}),
+    ("metapoison", {"n_models": 0}), ("metapoison", {"unroll_batch": "all"}), ("metapoison", {"unroll_steps": 0}),
+    ("metapoison", {"stagger_epochs": 0}),
 ])
 def test_bad_params_are_refused(name, bad):
     with pytest.raises(ValueError):
@@ -194,6 +195,19 @@ def test_metapoison_worker_restarts_after_stagger_epochs(surrogates):
     worker = MetaPoisonWorker(surrogates[0], TRAIN.images, TRAIN.labels, pos, TEST.images[:1], 0, params, 1, seed=0)
     assert worker.epoch == 1
     assert worker.advance(np.zeros((4, 1, 8, 8), dtype=np.float32)) == 0 and worker.generation == 1
+
+
+@pytest.mark.parametrize("unroll_batch", ["mixed", "poisons"])
+def test_metapoison_unroll_batch_decides_which_poisons_get_gradient(surrogates, unroll_batch):
+    """'mixed': each unrolled batch holds the poisons' share of it (here 1 of 8), so one step reaches only
+    those; 'poisons': every step unrolls on the whole poison set, so every poison gets a gradient."""
+    pos = np.flatnonzero(TRAIN.labels == 0)[:8]
+    params = make_attack("metapoison", {**FAST["metapoison"], "unroll_batch": unroll_batch, "unroll_steps": 1,
+                                        "batch_size": 8}).params
+    worker = MetaPoisonWorker(surrogates[0], TRAIN.images, TRAIN.labels, pos, TEST.images[:1], 1, params, 0, seed=0)
+    _, grad = worker.adversarial_grad(np.zeros((8, 1, 8, 8), dtype=np.float32), step=0)
+    reached = int((np.abs(grad).reshape(8, -1).sum(axis=1) > 0).sum())
+    assert reached == (8 if unroll_batch == "poisons" else 1)
 
 
 def test_poison_frogs_reduces_feature_distance(surrogates):

@@ -16,6 +16,10 @@ from :class:`MetaPoisonWorker`; their architecture is the surrogate's (ctx.surro
 initialised. With `warm_start` the workers instead start (and restart) from the trained surrogates'
 weights, cycling through ctx.surrogates: the fine-tuning regime of the paper's pretrained-model
 experiments, and on CPU the cheap way to put the ensemble where the victim's training ends.
+`unroll_batch` chooses the unrolled batches: 'mixed' (the reference TF code) holds the poisons'
+share of a training batch among clean samples; 'poisons' unrolls every step on the whole poison set,
+as the PyTorch re-implementation in Geiping et al.'s data-poisoning code does (its MetaPoison witch
+steps on the poison batch), so each craft step gives every poison a gradient instead of a few.
 The paper's ReColorAdv colour perturbation is left out: the threat model is L-inf only.
 
 Given ctx.checkpoint, every `checkpoint.every` steps the driver saves the perturbation, its Adam
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,7 +56,8 @@ logger = logging.getLogger(__name__)
 class MetaPoisonParams(AttackParams):
     """Huang et al. Sec. 4 and reference code: M=24 models, T=24 epochs (stagger 1), K=2, 60 steps,
     craft rate 200/255 dropped x0.1 every 20 steps, SGD lr 0.1, batch 125. epoch_batches: batches per
-    worker (mini-)epoch (None: a full pass); warm_start: start from the surrogates' weights."""
+    worker (mini-)epoch (None: a full pass); warm_start: start from the surrogates' weights; unroll_batch:
+    'mixed' (poisons among clean samples, the reference) or 'poisons' (the whole poison set each step)."""
 
     n_models: int = Field(24, ge=1, le=1024)
     stagger_epochs: int = Field(24, ge=1, le=10_000)
@@ -63,6 +69,7 @@ class MetaPoisonParams(AttackParams):
     batch_size: int = Field(125, ge=2, le=65_536)
     epoch_batches: int | None = Field(None, ge=1, le=1_000_000)
     warm_start: bool = False
+    unroll_batch: Literal["mixed", "poisons"] = "mixed"
 
 
 def fresh_model(architecture: nn.Module, seed: int) -> nn.Module:
@@ -111,18 +118,28 @@ class MetaPoisonWorker:
 
     def adversarial_grad(self, delta: np.ndarray, step: int) -> tuple[float, np.ndarray]:
         """Unroll K SGD steps on batches of the poisoned training set and return (adversarial loss, its
-        gradient). Each batch holds round(batch_size * P / N) >= 1 random poisons, their share of the data."""
+        gradient). 'mixed': each batch holds round(batch_size * P / N) >= 1 random poisons, their share of
+        the data; 'poisons': each step is on all P poisons and nothing else."""
         p = self.params
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "unroll", step))
+        if p.unroll_batch == "poisons":
+            nothing = self._batch(np.empty(0, dtype=np.int64))
+            return self._unroll([(*nothing, torch.arange(len(self.positions), device=self.device))] * p.unroll_steps,
+                                delta)
         share = min(len(self.positions), max(1, round(p.batch_size * len(self.positions) / len(self.images))))
         batches = []
         for _ in range(p.unroll_steps):
             poison_idx = torch.randperm(len(self.positions), generator=gen)[:share]
             clean = self.clean[torch.randperm(len(self.clean), generator=gen)[:p.batch_size - share].numpy()]
             batches.append((*self._batch(clean), poison_idx.to(self.device)))
+        return self._unroll(batches, delta)
+
+    def _unroll(self, batches: list, delta: np.ndarray) -> tuple[float, np.ndarray]:
+        """(adversarial loss, its gradient) through one SGD step per batch of `batches`."""
         bases, poison_labels = self._batch(self.positions)
         loss, grad = unrolled_adversarial_grad(self.model, bases, torch.from_numpy(delta).to(self.device),
-                                               poison_labels, batches, self.target, self.adversarial_class, p.lr)
+                                               poison_labels, batches, self.target, self.adversarial_class,
+                                               self.params.lr)
         return loss, grad.cpu().numpy()
 
     def advance(self, delta: np.ndarray | None) -> int:
