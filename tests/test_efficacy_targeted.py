@@ -18,12 +18,18 @@ of those models as its adversarial class (a plausible class, the attacker's choi
   eps 16 flipped 3/10 (adv prob 0.30 vs 0.05 noise); with a random adversarial class instead of the
   runner-up, 2/10 at eps 32.
 * Training from scratch (Witches' Brew, MetaPoison): a ConvNet (width 16) trained 10 epochs on 2,000
-  images with a seed the attacker does not use. Five keys with distinct adversarial classes are
-  poisoned at once (2 % of the training set per key, eps 32/255), one victim per arm. Witches' Brew
-  raises the adv prob on every key (mean 0.34 vs 0.21 noise, 0.22 clean; flips 2/5 vs 1/5 and 1/5);
-  at 1 %/eps 16 the effect shrinks to 0.24 vs 0.21 (no flip gained). MetaPoison, scaled to CPU (2-4 models, 16-40 craft
-  steps), optimises its unrolled objective but moved no victim beyond the noise control in any
-  setting tried, so only that, and clean accuracy, are asserted for it.
+  images with a seed the attacker does not use; two surrogates trained the same way (seeds 100, 101).
+  Witches' Brew (100 steps, 1 restart, no augmentation) is run one key per victim: 8 keys, eps 32/255,
+  5 % of the training set (100 poisons) per key, and each key's noise control trains its own victim.
+  Measured: adv prob raised over the noise control on 8/8 keys, mean 0.395 vs 0.137 noise and 0.210
+  clean; flips 3/8 (Wilson [0.14, 0.69]) vs 0/8 and 1/8; clean accuracy 0.801 vs 0.805. Also
+  measured (8 keys each): 2 % per key 2/8, adv prob 0.306 vs 0.182 noise; 2 % with 250 steps and 2
+  restarts no better on the first 5 keys; 5 % with differentiable augmentation 2/8, 0.244 (the victim
+  does not augment); 4 surrogates 1/8, 0.248 vs 0.066 noise (other keys). Five keys poisoned at once
+  in one victim (2 % each) gave 2/5 vs 1/5. MetaPoison, scaled to CPU (2-4 models, 16-40 craft
+  steps, unrolled batches mixed or poisons-only, 2-5 % per key), optimises its unrolled objective but
+  moved no victim beyond the noise control in any setting tried (per key at 5 %: adv prob 0.14 vs
+  0.15 noise), so only that, and clean accuracy, are asserted for it, on five keys poisoned at once.
 """
 
 from __future__ import annotations
@@ -195,7 +201,7 @@ def scratch_setup(one_thread):
     keys = runner_up_keys(surrogates, splits.test, 5, seed=0, distinct=True)
     clean = scratch_victim(splits.train)
     arm = Arm(*measure(clean, splits.test, keys), accuracy(clean, splits.test, device="cpu"))
-    return splits.train, splits.test, surrogates, keys, arm, {}
+    return splits.train, splits.test, surrogates, keys, arm, {"clean_model": clean}
 
 
 def scratch_victim(train: ImageDataset) -> torch.nn.Module:
@@ -232,9 +238,34 @@ def assert_effect(result: dict[str, Arm], factor: float, min_keys: int) -> None:
     assert attack.clean_acc >= clean.clean_acc - 0.03
 
 
+def run_scratch_per_key(name: str, params: dict, scratch_setup, eps: int = 32, budget: float = 0.05,
+                        n_keys: int = 8) -> dict[str, Arm]:
+    """One key per victim: each key's poisons, and separately their random-noise control, are the only
+    changes to the training set of their victim (same recipe and seed as the clean victim)."""
+    train, test, surrogates = scratch_setup[:3]
+    keys = runner_up_keys(surrogates, test, n_keys, seed=0, distinct=False)
+    rows: dict[str, list] = {"noise": [], "attack": []}
+    for i, key in enumerate(keys):
+        ps = craft(name, params, train, test, surrogates, key, eps, budget, seed=2000 + i)
+        for arm, poison in (("noise", noise_like(ps, train, i)), ("attack", ps)):
+            model = scratch_victim(apply(poison, train))
+            rows[arm].append((*(v[0] for v in measure(model, test, [key])), accuracy(model, test, device="cpu")))
+    result = {arm: Arm(np.array([r[0] for r in v]), np.array([r[1] for r in v]), float(np.mean([r[2] for r in v])))
+              for arm, v in rows.items()}
+    model = scratch_setup[5]["clean_model"]
+    result["clean"] = Arm(*measure(model, test, keys), accuracy(model, test, device="cpu"))
+    for arm, value in result.items():
+        log.info("%s from scratch, one key per victim, eps %d budget %.2f %s (per key %s)", name, eps, budget,
+                 value.line(arm), [round(float(v), 3) for v in value.adv_prob])
+    return result
+
+
 def test_witches_brew_from_scratch(scratch_setup):
-    result, _ = run_scratch("witches_brew", {"steps": 100, "restarts": 1, "augment": False}, scratch_setup)
-    assert_effect(result, factor=1.3, min_keys=4)
+    """Measured: adv prob raised over the noise control on 8/8 keys, mean 0.395 vs 0.137 (noise) and 0.210
+    (clean); flips 3/8 vs 0/8 and 1/8."""
+    result = run_scratch_per_key("witches_brew", {"steps": 100, "restarts": 1, "augment": False}, scratch_setup)
+    assert_effect(result, factor=1.5, min_keys=7)
+    assert result["attack"].success.sum() >= max(result["clean"].success.sum(), result["noise"].success.sum()) + 2
 
 
 def unrolled_loss(model: torch.nn.Module, train: ImageDataset, test: ImageDataset, ps: PoisonSet,
