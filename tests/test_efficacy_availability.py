@@ -17,6 +17,8 @@ the silhouette, see below).
 Class-wise noise, updated on every batch each round (the paper's setting, ~3.5 min of crafting on one
 core): 0.25 / 0.43 / 0.39 / 0.35 for crafting seeds 0-3 on one thread, 0.29 for seed 0 on two. On 5
 batches per round (~1 min): 0.25 / 0.63 / 0.42 / 0.25, 0.36 for seed 0 on two threads.
+Synthetic noise: 0.52 / 0.39 / 0.47 / 0.36 for seeds 0-3 (0.53 on two threads); error-maximising
+poisons: 0.46 / 0.44 / 0.44 / 0.47; both bars hold for every seed.
 
 Sample-wise strength depends on the crafting seed and even on the floating-point path (thread count):
 with the setting below, crafting seeds 0 / 1 / 2 / 3 give 0.31 / 0.44 / 0.65 / 0.52 on one thread, and
