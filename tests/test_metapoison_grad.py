@@ -1,6 +1,7 @@
 """MetaPoison's unrolled meta-gradient (Huang et al., NeurIPS 2020, Eq. 1 unrolled as in Algorithm 1)
 against central finite differences, in float64 on tiny models: K = 2 unrolled SGD steps, then the
-adversarial loss."""
+adversarial loss, for the reference's outer loss (CW margin over stages 1..K, target in the train-mode
+batch) and the earlier one (cross-entropy at stage K, target in eval mode)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from poison_core.attacks._unroll import unrolled_adversarial_grad, unrolled_target_loss
+from poison_core.attacks._unroll import OuterLoss, unrolled_adversarial_grad, unrolled_target_loss
+
+OUTERS = {"reference": OuterLoss(), "earlier": OuterLoss(objective="xent", stages="last", target_in_batch=False)}
 
 
 class TinyMLP(nn.Module):
@@ -54,27 +57,28 @@ def setup(model_cls: type[nn.Module], seed: int = 0):
     return model, bases, delta, labels, batches, target
 
 
-def loss_at(model: nn.Module, bases, delta, labels, batches, target, lr: float) -> float:
+def loss_at(model: nn.Module, bases, delta, labels, batches, target, lr: float, outer: OuterLoss) -> float:
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    loss = unrolled_target_loss(model, params, buffers, bases + delta, labels, batches, target, 2, lr)
+    loss = unrolled_target_loss(model, params, buffers, bases + delta, labels, batches, target, 2, lr, outer)
     return float(loss.detach())
 
 
+@pytest.mark.parametrize("outer", sorted(OUTERS))
 @pytest.mark.parametrize("model_cls", [TinyMLP, TinyBN])
-def test_unrolled_gradient_matches_central_differences(model_cls):
+def test_unrolled_gradient_matches_central_differences(model_cls, outer):
     model, bases, delta, labels, batches, target = setup(model_cls)
-    lr, h = 0.5, 1e-5
-    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, lr)
-    assert abs(loss - loss_at(model, bases, delta, labels, batches, target, lr)) < 1e-12
+    lr, h, outer = 0.5, 1e-5, OUTERS[outer]
+    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, lr, outer)
+    assert abs(loss - loss_at(model, bases, delta, labels, batches, target, lr, outer)) < 1e-12
     numeric = torch.zeros_like(delta)
     flat = numeric.view(-1)
     for i in range(delta.numel()):
         step = torch.zeros_like(delta).view(-1)
         step[i] = h
         step = step.view_as(delta)
-        plus = loss_at(model, bases, delta + step, labels, batches, target, lr)
-        minus = loss_at(model, bases, delta - step, labels, batches, target, lr)
+        plus = loss_at(model, bases, delta + step, labels, batches, target, lr, outer)
+        minus = loss_at(model, bases, delta - step, labels, batches, target, lr, outer)
         flat[i] = (plus - minus) / (2 * h)
     rel = float(torch.linalg.vector_norm(grad - numeric) / torch.linalg.vector_norm(numeric))
     assert rel < 1e-6, f"relative error {rel:.2e}"
@@ -84,8 +88,9 @@ def test_unrolled_gradient_matches_central_differences(model_cls):
 def test_second_order_terms_matter():
     """The meta-gradient is not the first-order one: without create_graph the poisons get no gradient."""
     model, bases, delta, labels, batches, target = setup(TinyMLP, seed=1)
-    _, grad_k2 = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5)
-    _, grad_k1 = unrolled_adversarial_grad(model, bases, delta, labels, batches[:1], target, 2, 0.5)
+    outer = OUTERS["earlier"]
+    _, grad_k2 = unrolled_adversarial_grad(model, bases, delta, labels, batches, target, 2, 0.5, outer)
+    _, grad_k1 = unrolled_adversarial_grad(model, bases, delta, labels, batches[:1], target, 2, 0.5, outer)
     assert not torch.allclose(grad_k1, grad_k2)
     assert float(grad_k2.abs().sum()) > 0
 
@@ -112,5 +117,5 @@ def test_only_poisons_in_the_batches_get_gradient():
     _, grad = unrolled_adversarial_grad(model, bases, delta, labels, batches[:1], target, 2, 0.5)
     assert float(grad[1].abs().sum()) == 0 and float(grad[0].abs().sum()) > 0
     empty = [(x, y, torch.zeros(0, dtype=torch.long)) for x, y, _ in batches]
-    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, empty, target, 2, 0.5)
+    loss, grad = unrolled_adversarial_grad(model, bases, delta, labels, empty, target, 2, 0.5, OUTERS["earlier"])
     assert float(grad.abs().sum()) == 0 and loss > 0
