@@ -88,6 +88,9 @@ class Crafted:
     poison_labels: np.ndarray
     targets: dict[str, Any] = field(default_factory=dict)
     trigger: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """What the craft itself found out and the PoisonSet's provenance records (e.g. error_min's
+    `stop_criterion_met`), beside the attack, params, seed and checksums the base adds."""
 
 
 class Attack(ABC):
@@ -133,7 +136,7 @@ class Attack(ABC):
             threat=ctx.threat, n_train=len(ctx.train), targets=crafted.targets, trigger=crafted.trigger,
             provenance={"attack": self.name, "params": self.params.model_dump(mode="json"), "seed": ctx.seed,
                         "dataset": ctx.train.name, "dataset_checksum": ctx.train.checksum(),
-                        "surrogate_checksums": list(ctx.surrogate_checksums)})
+                        "surrogate_checksums": list(ctx.surrogate_checksums), **crafted.provenance})
         audit(poison_set, ctx.train)
         return poison_set
 

@@ -9,12 +9,33 @@ between the training gradient of the poisoned bases and the adversarial gradient
     g_t = grad_theta L(F(x_t, theta), y_adv),   g_p = sum_i grad_theta L(F(x_i + Delta_i, theta), y_i),
 
 averaged over an ensemble of K surrogates (ctx.surrogates, Sec. 4 "model ensembles") and over the
-random shift/flip of differentiable data augmentation (Sec. 4). As in the reference code, Delta
-starts uniform in the eps-ball, Adam (lr tau * eps) steps on the *signed* gradient, the lr drops
-x0.1 at 3/8, 5/8 and 7/8 of the steps, and every step projects onto the eps-ball and the pixel box.
+random shift/flip of differentiable data augmentation (Sec. 4).
+
+The optimiser follows the reference code (github.com/JonasGeiping/data-poisoning,
+forest/witchcoven/witch_base.py: `_initialize_brew`, `_run_trial`; forest/data/kettle_base.py:
+`initialize_poison`), whose models see inputs normalised by the dataset's channel std `ds` and whose
+Delta lives in those normalised units. Our models see [0, 1] images, so Delta is optimised here as
+u = Delta / ds (ds: `data_std`, default the per-channel std of the clean training set, as forest's
+`trainset.data_std`):
+
+* start (`init: randn`, forest's default `--init randn`): Delta = clip(N(0, 1) * eps, -eps, eps);
+  only the eps-ball clip, the pixel box is enforced by the first step's projection, as in forest;
+* step (`attackoptim signAdam`): Adam on u with the *signed* gradient and forest's "Rule 2" step
+  size lr = tau * (pbatch / 512) / K (pbatch = `batch_size`, K = number of surrogates), so the
+  first step moves every pixel by lr * ds on the [0, 1] scale (0.1 * 0.25 ~ 6.4/255 on CIFAR-10
+  with one model, whatever eps is);
+* schedule (`--scheduling`): lr x0.1 after steps // 2.667, // 1.6 and // 1.142 (3/8, 5/8, 7/8);
+* projection after every step onto the eps-ball and the pixel box [0, 1] (forest's two clamps).
+
+`lr_rule: eps_scaled` with `init: rand` is this module's earlier rule (Adam lr tau * eps on the
+[0, 1] scale, uniform start projected into the box), kept as a named option. Known difference from
+forest: it keeps the restart with the lowest alignment loss of its *last iteration* (augmented,
+measured before the last update); here the final loss is re-measured without augmentation on the
+uint8 poisons that are actually stored.
+
 R restarts run as independent jobs through ctx.map (each seeded from (ctx.seed, key, restart), so
 the result does not depend on where or in what order they run); the restart with the lowest final
-alignment loss (measured without augmentation on the uint8 poisons) is kept (Sec. 4).
+alignment loss is kept (Sec. 4).
 
 Given ctx.checkpoint, each restart saves its perturbation, Adam moments, schedule position and
 generator state every `checkpoint.every` steps (its own file, `checkpoint.child(key, restart)`); a
@@ -28,6 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,11 +67,19 @@ from poison_core.training import batch_slices, to_tensor
 
 logger = logging.getLogger(__name__)
 
-LR_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
+LR_DIVISORS = (2.667, 1.6, 1.142)  # forest _run_trial: milestones attackiter // 2.667, // 1.6, // 1.142
+REFERENCE_PBATCH = 512  # forest _initialize_brew: tau0 = tau * (pbatch / 512) / ensemble
 
 
 class WitchesBrewParams(AttackParams):
-    """steps / restarts / tau / augment: Geiping et al. Sec. 4-5 (250 steps, R=8, tau=0.1, augment on)."""
+    """steps / restarts / tau / augment: Geiping et al. Sec. 4-5 and forest/options.py (250 steps, R=8,
+    tau=0.1, augment on, --pbatch 512 = `batch_size`, --init randn, --attackoptim signAdam).
+
+    lr_rule 'forest': Adam lr tau * (batch_size / 512) / K on Delta / data_std (forest's Rule 2);
+    'eps_scaled': lr tau * eps/255 on Delta itself (this module's earlier rule). init 'randn': Gaussian
+    * eps clipped to the ball (forest's default); 'rand': uniform in the ball, projected into the box.
+    data_std: per-channel std of the model inputs' normalisation (None: of the clean training set).
+    """
 
     steps: int = Field(250, ge=1, le=100_000)
     restarts: int = Field(8, ge=1, le=1000)
@@ -57,6 +87,35 @@ class WitchesBrewParams(AttackParams):
     augment: bool = True
     max_shift: int | None = Field(None, ge=0, le=64)
     batch_size: int = Field(512, ge=1, le=65_536)
+    lr_rule: Literal["forest", "eps_scaled"] = "forest"
+    init: Literal["randn", "rand"] = "randn"
+    data_std: tuple[float, ...] | None = Field(None, min_length=1, max_length=64)
+
+
+def lr_milestones(steps: int) -> list[int]:
+    """Forest's step-size decay points: steps // 2.667, // 1.6, // 1.142 (at least step 1)."""
+    return sorted({max(1, int(steps // d)) for d in LR_DIVISORS})
+
+
+def channel_std(images: np.ndarray) -> tuple[float, ...]:
+    """Per-channel std of uint8 NHWC images on the [0, 1] scale (forest's `data_std`)."""
+    flat = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
+    return tuple(float(max(v, 1e-3)) for v in flat.std(axis=0))
+
+
+def initial_delta(x0: torch.Tensor, eps: float, gen: torch.Generator, init: str) -> torch.Tensor:
+    """The restart's start: 'randn' = clip(N(0, 1) * eps, -eps, eps) (forest initialize_poison, no box
+    clip); 'rand' = uniform in [-eps, eps] projected into the pixel box."""
+    if init == "rand":
+        return random_start(x0, eps, gen)
+    return (torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device) * eps).clamp(-eps, eps)
+
+
+def step_size(params: WitchesBrewParams, epsilon: int, n_models: int) -> float:
+    """Adam's lr: forest's Rule 2, tau * (pbatch / 512) / K in normalised units, or tau * eps/255."""
+    if params.lr_rule == "eps_scaled":
+        return params.tau * radius(epsilon)
+    return params.tau * (params.batch_size / REFERENCE_PBATCH) / n_models
 
 
 def _params(model: nn.Module) -> list[torch.Tensor]:
@@ -89,10 +148,12 @@ def ensemble_alignment(models: Sequence[nn.Module], target_grads: Sequence[Seque
 
 def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.ndarray, target: np.ndarray,
                 adversarial_class: int, params: WitchesBrewParams, epsilon: int, seed: int,
-                checkpoint: Checkpointer | None = None) -> tuple[float, np.ndarray]:
+                checkpoint: Checkpointer | None = None,
+                data_std: Sequence[float] | None = None) -> tuple[float, np.ndarray]:
     """One restart of the brew: returns (final alignment loss, uint8 poisoned bases). Module-level
     and free of shared state, so orchestration can run it as a remote task; with a checkpoint it
-    resumes from the last saved step."""
+    resumes from the last saved step. `data_std` (None: params.data_std, else the bases' std) is the
+    normalisation the forest lr rule is expressed in; Adam optimises u = Delta / data_std."""
     device = next(surrogates[0].parameters()).device
     models = [m.eval() for m in surrogates]
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -102,10 +163,14 @@ def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.n
     x_t = to_tensor(target, device)
     y_t = torch.full((len(target),), int(adversarial_class), dtype=torch.long, device=device)
     target_grads = [[g.detach() for g in parameter_gradient(m, x_t, y_t, create_graph=False)] for m in models]
-    delta = random_start(x0, eps, gen).requires_grad_(True)
-    optimizer = torch.optim.Adam([delta], lr=params.tau * eps)
-    milestones = sorted({max(1, int(params.steps * m)) for m in LR_MILESTONES})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    std = data_std or params.data_std or channel_std(bases)
+    if len(std) != x0.shape[1]:
+        raise ValueError(f"data_std has {len(std)} channels, the images {x0.shape[1]}")
+    scale = (torch.tensor(std, dtype=x0.dtype, device=device).view(1, -1, 1, 1) if params.lr_rule == "forest"
+             else torch.ones((1, 1, 1, 1), dtype=x0.dtype, device=device))
+    delta = (initial_delta(x0, eps, gen, params.init) / scale).requires_grad_(True)  # u = Delta / ds
+    optimizer = torch.optim.Adam([delta], lr=step_size(params, epsilon, len(models)), weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(params.steps), gamma=0.1)
     shift = default_shift(bases.shape[1]) if params.max_shift is None else params.max_shift
     batches = batch_slices(len(bases), params.batch_size)
     loop = LoopState(tensors={"delta": delta}, optimizers={"adam": optimizer}, schedulers={"lr": scheduler},
@@ -116,7 +181,7 @@ def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.n
         grad = torch.zeros_like(delta)
         total = 0.0
         for batch in batches:
-            x = x0[batch] + delta[batch]
+            x = x0[batch] + delta[batch] * scale
             if params.augment:
                 x = random_shift_flip(x, gen, max_shift=shift)
             loss = ensemble_alignment(models, target_grads, x, y[batch])
@@ -127,12 +192,12 @@ def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.n
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            delta.copy_(project(delta, x0, eps))
+            delta.copy_(project(delta * scale, x0, eps) / scale)
         if step % 50 == 0:
             logger.debug("witches_brew seed %d step %d alignment loss %.4f", seed, step, total / len(batches))
         if checkpoint is not None and checkpoint.due(step + 1):
             save_loop(checkpoint, step + 1, loop, {"resumes": resumes})
-    poisoned = quantize(bases, delta, epsilon)
+    poisoned = quantize(bases, delta.detach() * scale, epsilon)
     final = float(np.mean([_final_loss(models, target_grads, x0 + delta_of(poisoned, bases).to(device), y, batch)
                            for batch in batches]))
     return final, poisoned
@@ -160,10 +225,11 @@ class WitchesBrew(Attack):
         plans = targeting.plan(ctx, n_poison, rng)
         assert test is not None
         surrogates = list(ctx.surrogates)
+        std = p.data_std or channel_std(train.images)
         calls = [(surrogates, train.images[kp.positions], train.labels[kp.positions],
                   test.images[kp.key.target_position:kp.key.target_position + 1], kp.key.adversarial_class, p,
                   ctx.threat.epsilon, derive_seed(ctx.seed, self.name, i, r),
-                  ctx.checkpoint.child(i, r) if ctx.checkpoint is not None else None)
+                  ctx.checkpoint.child(i, r) if ctx.checkpoint is not None else None, std)
                  for i, kp in enumerate(plans) for r in range(p.restarts)]
         results = ctx.map(run_restart, calls)
         images = []
