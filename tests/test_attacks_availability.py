@@ -28,8 +28,8 @@ TINY = {
     "error_min": {"width": 4, "max_rounds": 2, "steps": 2, "train_steps": 2, "batch_size": 64},
     "error_max": {"steps": 3},
     "synthetic_noise": {"patch": 2},
-    "unlearnable_clusters": {"epochs": 1, "generator_width": 4},
-    "tue": {"width": 4, "rounds": 1, "train_steps": 2, "steps": 2, "batch_size": 64},
+    "unlearnable_clusters": {"epochs": 1, "generator_width": 4, "encoder": {"width": 4, "epochs": 1, "batch_size": 64}},
+    "tue": {"width": 4, "epochs": 1, "train_steps": 2, "steps": 2, "batch_size": 64, "ssl_weight": 1.0},
     "random_noise": {},
     "random_labels": {},
     "blend": {"target_class": 2},
@@ -209,7 +209,7 @@ def test_clean_label_attacks_refuse_dirty_threat(name, surrogate):
         craft(name, surrogate, clean_label=False)
 
 
-@pytest.mark.parametrize("name", ["error_max", "unlearnable_clusters", "clean_label_backdoor"])
+@pytest.mark.parametrize("name", ["error_max", "clean_label_backdoor"])
 def test_surrogate_attacks_need_a_surrogate(name):
     ctx = CraftContext(train=TRAIN, threat=ThreatModel(epsilon=8, budget=0.5, clean_label=True), seed=0)
     with pytest.raises(ConfigError, match="needs at least one surrogate"):
@@ -228,7 +228,7 @@ BAD_PARAMS = [
     ("unlearnable_clusters", {"n_clusters": 1}), ("unlearnable_clusters", {"target_offset": 0}),
     ("unlearnable_clusters", {"epochs": 0}), ("unlearnable_clusters", {"lr": 0}),
     ("unlearnable_clusters", {"generator_width": 0}),
-    ("tue", {"model": "nope"}), ("tue", {"temperature": 0}), ("tue", {"csd_weight": -1}), ("tue", {"rounds": 0}),
+    ("tue", {"model": "nope"}), ("tue", {"temperature": 0}), ("tue", {"csd_weight": -1}), ("tue", {"epochs": 0}),
     ("tue", {"steps": 0}), ("tue", {"batch_size": 2}), ("tue", {"projection_dim": 1}),
     ("random_noise", {"epsilon": 8}), ("random_labels", {"k": 3}),
     ("blend", {"alpha": 0}), ("blend", {"alpha": 1.5}), ("blend", {"target_class": -1}),

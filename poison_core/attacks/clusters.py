@@ -1,19 +1,26 @@
 """Unlearnable Clusters: Zhang et al., 'Unlearnable Clusters: Towards Label-agnostic Unlearnable
 Examples', CVPR 2023.
 
-Label-agnostic: the attacker does not use the labels. The protected samples are grouped by k-means
-on a surrogate's features (Sec. 3.2, p clusters; default p = number of classes), and every cluster
-C_i gets ONE perturbation delta_i = eps * tanh(G_i(z_i)) from a small generator G_i with a fixed
-latent z_i, so samples of a cluster share a pattern (this disrupts the uniformity of the data).
-G_i is trained to disrupt discrepancy: the surrogate features of x + delta_i, for x in C_i, are
-pulled towards the centroid of ANOTHER cluster, mu_{(i + offset) mod p} (Eq. 5 of the paper; the
-authors' code measures the pull as KL(softmax(mu) || softmax(f(x + delta_i))), which we follow):
+Label-agnostic: the attacker never uses the labels, and neither does any model it relies on. The
+protected samples are grouped by k-means on the features of an encoder that never saw the target
+labels (Sec. 3.2, p clusters; default p = number of classes), and every cluster C_i gets ONE
+perturbation delta_i = eps * tanh(G_i(z_i)) from a small generator G_i with a fixed latent z_i, so
+samples of a cluster share a pattern (this disrupts the uniformity of the data). G_i is trained to
+disrupt discrepancy: the encoder features of x + delta_i are pulled towards the centroid of ANOTHER
+cluster, mu_{(i + offset) mod p} (Eq. 5 of the paper; the authors' code measures the pull as
+KL(softmax(mu) || softmax(f(x + delta_i))), which we follow):
 
-    min_{G_i}  sum_{x in C_i}  KL( softmax(mu_{(i+o) mod p}) || softmax(f(x + eps tanh G_i(z_i))) ).
+    min_{G_i}  sum_{x}  KL( softmax(mu_{(i+o) mod p}) || softmax(f(aug(x) + eps tanh G_i(z_i))) ).
 
-The paper's surrogate is CLIP and its generator a ResNet; ours is the ctx surrogate (the first one
-when several are given) and a three-layer conv generator, trained on the cluster's own members
-(the authors' code sweeps the whole training set per cluster). Labels are unchanged (clean-label).
+As in the authors' `main.py::train_gnet` (github:jiamingzhang94/Unlearnable-Clusters), each G_i is
+trained on the WHOLE protected set (not only its cluster) under random crop + horizontal flip
+(their Resize 256 / RandomCrop 224 is a shift of up to 1/8 of the side: `_augment.default_shift`),
+with Adam (weight decay 5e-4) and a cosine learning-rate schedule, for 50 epochs (their
+stage_1.yaml). Their encoder is an ImageNet-pretrained ResNet-50 or CLIP; ours is a SimCLR encoder
+(:mod:`poison_core.attacks._simclr`) trained here, without labels, on the protected images, so the
+attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Their
+generator is a ResNet generator (lr 1e-4); ours is a three-layer conv generator, whose default lr
+stays 0.01. Labels are unchanged (clean-label).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from poison_core.attacks._augment import default_shift, random_shift_flip
 from poison_core.attacks._pgd import choose_positions, clip_unit, frozen, quantize, to_unit, torch_generator
+from poison_core.attacks._simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError
 from poison_core.training import batch_slices, to_tensor
@@ -35,12 +44,17 @@ logger = logging.getLogger(__name__)
 
 
 class ClustersParams(AttackParams):
+    """Defaults: the authors' stage_1.yaml (target_offset 1, 50 epochs) except lr (see the docstring);
+    `encoder`: the label-free SimCLR encoder whose features are clustered."""
+
     n_clusters: int | None = Field(None, ge=2, le=10_000)
     target_offset: int = Field(1, ge=1, le=10_000)
-    epochs: int = Field(5, ge=1, le=1000)
+    epochs: int = Field(50, ge=1, le=1000)
     lr: float = Field(0.01, gt=0, le=10)
     generator_width: int = Field(16, ge=1, le=512)
     batch_size: int = Field(256, ge=1, le=65_536)
+    augment: bool = True
+    encoder: SimCLRParams = Field(default_factory=SimCLRParams)
 
 
 class PerturbationGenerator(nn.Module):
@@ -57,9 +71,9 @@ class PerturbationGenerator(nn.Module):
         return self.radius * torch.tanh(self.net(z))
 
 
-def surrogate_features(model: nn.Module, images: np.ndarray, device: torch.device,
-                       batch_size: int = 512) -> torch.Tensor:
-    """Penultimate features (N, D) of uint8 NHWC `images` under the eval-mode surrogate."""
+def encoder_features(model: nn.Module, images: np.ndarray, device: torch.device,
+                     batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features (N, D) of uint8 NHWC `images` under the eval-mode encoder."""
     model.eval()
     with torch.no_grad():
         return torch.cat([model.features(to_tensor(images[b], device)) for b in batch_slices(len(images), batch_size)])
@@ -67,37 +81,42 @@ def surrogate_features(model: nn.Module, images: np.ndarray, device: torch.devic
 
 def train_cluster_noise(model: nn.Module, images: np.ndarray, anchor: torch.Tensor, params: ClustersParams, *,
                         radius: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Train one cluster's generator (Eq. 5) and return its perturbation (1, C, H, W) on [0, 1]."""
+    """Train one cluster's generator (Eq. 5) on all `images` and return its perturbation (1, C, H, W)."""
     channels, height, width = images.shape[3], images.shape[1], images.shape[2]
     z = torch.rand((1, channels, height, width), generator=gen, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen, device=device)))
         generator = PerturbationGenerator(channels, params.generator_width, radius).to(device)
-    optimizer = torch.optim.Adam(generator.parameters(), lr=params.lr)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=params.lr, weight_decay=5e-4)
+    n_batches = -(-len(images) // params.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, params.epochs * n_batches, eta_min=1e-6)
     target = F.softmax(anchor, dim=0)
+    shift = default_shift(height)
     for _ in range(params.epochs):
-        order = torch.randperm(len(images), generator=gen, device=device).cpu().numpy()
-        for batch in batch_slices(len(images), params.batch_size):
-            x = to_tensor(images[order[batch]], device)
+        for batch in shuffled_batches(len(images), params.batch_size, gen):
+            x = to_tensor(images[batch], device)
+            if params.augment:
+                x = random_shift_flip(x, gen, max_shift=shift)
             feats = model.features(clip_unit(x + generator(z)))
             loss = F.kl_div(F.log_softmax(feats, dim=1), target.expand_as(feats), reduction="batchmean")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
     with torch.no_grad():
         return generator(z)
 
 
 @register_attack
 class UnlearnableClusters(Attack):
-    """Cluster-wise generator noise that pulls each k-means cluster to another's centroid."""
+    """Cluster-wise generator noise that pulls each k-means cluster of label-free features to another's centroid."""
 
     name = "unlearnable_clusters"
     paper = "Zhang et al., Unlearnable Clusters, CVPR 2023 (Eq. 5)"
-    summary = "label-agnostic availability: one generated noise per k-means cluster of surrogate features"
+    summary = "label-agnostic availability: one generated noise per k-means cluster of SimCLR features"
     Params = ClustersParams
     label_policy = "clean"
-    needs_surrogate = True
+    needs_surrogate = False
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         p, train, eps = self.params, ctx.train, ctx.threat.epsilon
@@ -108,19 +127,20 @@ class UnlearnableClusters(Attack):
             raise ConfigError(f"params.n_clusters: {k} clusters need at least {k} protected samples, got {len(pos)}")
         from sklearn.cluster import KMeans  # here, not at import: sklearn costs every process ~1 s
 
-        model = ctx.surrogates[0]
+        gen = torch_generator(rng, ctx.device)
+        model = fit_simclr_encoder(images, p.encoder, num_classes=train.num_classes, rng=rng, gen=gen,
+                                   device=ctx.device)
         with frozen([model]):
-            feats = surrogate_features(model, images, ctx.device)
+            feats = encoder_features(model, images, ctx.device)
             kmeans = KMeans(n_clusters=k, n_init=4, random_state=int(rng.integers(2**31))).fit(feats.cpu().numpy())
             centres = torch.as_tensor(kmeans.cluster_centers_, dtype=feats.dtype, device=ctx.device)
             assign = kmeans.labels_.astype(np.int64)
-            gen = torch_generator(rng, ctx.device)
             out = images.copy()
             for i in range(k):
                 members = np.flatnonzero(assign == i)
                 if not len(members):
                     continue
-                delta = train_cluster_noise(model, images[members], centres[(i + p.target_offset) % k], p,
+                delta = train_cluster_noise(model, images, centres[(i + p.target_offset) % k], p,
                                             radius=to_unit(eps), gen=gen, device=ctx.device)
                 out[members] = quantize(images[members], delta.expand(len(members), -1, -1, -1), eps)
                 logger.info("unlearnable_clusters: cluster %d/%d (%d samples) done", i + 1, k, len(members))

@@ -5,17 +5,23 @@ datasets. Like error-minimising noise it is a min-min problem, but the inner mod
 UNSUPERVISED contrastive encoder (SimCLR, Chen et al., ICML 2020), and the noise is also pushed to
 be linearly separable by class through the Class-wise Separability Discriminant (Sec. 4, Eq. 4-6):
 
-    min_theta  min_{||delta_i||_inf <= eps}  L_SimCLR(theta; aug(x + delta)) + lambda * CSD(delta, y),
+    min_theta  min_{||delta_i||_inf <= eps}  w_ssl * L_SimCLR(theta; aug(x + delta)) + w_csd * CSD(delta, y),
     CSD(delta, y) = mean_{k != l} (r_k + r_l) / ||c_k - c_l||,   c_k = mean_{y_i = k} delta_i,
                     r_k = mean_{y_i = k} ||delta_i - c_k||        (a Davies-Bouldin ratio).
 
-Here: a small encoder (the model registry's `model` backbone + a 2-layer projection head) is trained
-from scratch inside (no surrogate needed); each round takes `train_steps` SimCLR steps on noisy
-views, then `steps` sign-descent steps of the joint objective on the noise of every protected batch
-(sample-wise noise, the paper's main setting; lambda = `csd_weight`). Views use differentiable
-augmentations: random resized crop and horizontal flip (one affine warp) and brightness jitter;
-the paper also uses colour jitter and greyscale, which are no-ops on one-channel data. The gradient
-flows through both c_k and r_k of CSD (the authors' code detaches r_k). Labels are unchanged.
+The loop follows the authors' `ssl_perturbation.py::sample_wise_perturbation` (github:renjie3/TUE):
+each epoch walks a seeded SHUFFLED order of the protected samples; after every `train_steps`
+SimCLR steps on noisy views it sweeps the noise of every protected sample, in another shuffled
+order, with `steps` sign-descent steps of size step_fraction * eps (0.8/255 at eps 8/255), each
+batch's CSD computed over the classes in that batch. Shuffling matters: on class-sorted data
+contiguous batches hold one class and CSD is 0. Defaults are the SimCLR command of the authors'
+demo.sh: 40 epochs, train_step 20, num_steps 20, step_size 0.8, batch 512, random start,
+ssl_weight 0 and linear_noise_csd_weight 0.1. With ssl_weight 0 (their SimCLR and SimSiam commands)
+the noise sees only the CSD term and the encoder does not influence it, so it is not trained at all
+here; set `ssl_weight` > 0 (their MoCo command uses 1 and 1) for the joint objective. Encoder, views
+(crop, flip, colour jitter, greyscale) and optimiser: :mod:`poison_core.attacks._simclr`. As in
+`simclr_utils.get_linear_noise_csd_loss`, the radii r_k enter CSD as constants (gradient through the
+centres only); `csd(..., radius_grad=True)` differentiates them too. Labels are unchanged.
 
 Cross-dataset transfer with another class count (the paper's interpolation strategy, Sec. 5.3) is
 :func:`interpolate_to_classes`: target class c < K reuses source class c's noise pool, and every
@@ -30,81 +36,49 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from poison_core.attacks._pgd import choose_positions, project_linf, quantize, sign_descent, to_unit, torch_generator
+from poison_core.attacks._simclr import (build_encoder, shuffled_batches, simclr_loss, simclr_optimizer,
+                                         simclr_step)
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
-from poison_core.config import ModelConfig, ModelName
+from poison_core.config import ModelName
 from poison_core.errors import ConfigError
-from poison_core.models import build_model
-from poison_core.training import batch_slices, to_tensor
+from poison_core.training import to_tensor
 
 logger = logging.getLogger(__name__)
 
 
 class TUEParams(AttackParams):
+    """Defaults: demo.sh's SimCLR command of Ren et al.'s code (see the module docstring); the encoder
+    head and recipe (feature_dim 128, temperature 0.5, Adam lr 1e-3) are its ssl_perturbation.py's."""
+
     model: ModelName = "convnet"
     width: int | None = Field(None, ge=1, le=1024)
-    projection_dim: int = Field(64, ge=2, le=4096)
+    projection_dim: int = Field(128, ge=2, le=4096)
     temperature: float = Field(0.5, gt=0, le=10)
-    csd_weight: float = Field(1.0, ge=0, le=1000)
-    rounds: int = Field(10, ge=1, le=10_000)
-    train_steps: int = Field(10, ge=1, le=100_000)
-    steps: int = Field(5, ge=1, le=10_000)
+    ssl_weight: float = Field(0.0, ge=0, le=1000)
+    csd_weight: float = Field(0.1, ge=0, le=1000)
+    epochs: int = Field(40, ge=1, le=10_000)
+    train_steps: int = Field(20, ge=1, le=100_000)
+    steps: int = Field(20, ge=1, le=10_000)
     step_fraction: float = Field(0.1, gt=0, le=1)
-    batch_size: int = Field(256, ge=4, le=65_536)
-    lr: float = Field(0.05, gt=0, le=10)
+    random_start: bool = True
+    batch_size: int = Field(512, ge=4, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=10)
 
 
-class ContrastiveEncoder(nn.Module):
-    """backbone.features -> Linear -> ReLU -> Linear, L2-normalised (SimCLR's projection head)."""
-
-    def __init__(self, backbone: nn.Module, projection_dim: int) -> None:
-        super().__init__()
-        dim = backbone.head.in_features
-        self.backbone = backbone
-        self.projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, projection_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projection(self.backbone.features(x)), dim=1)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Differentiable SimCLR-style views: resized crop (scale 0.6-1) + flip as one affine warp, then
-    brightness x U(0.6, 1.4), clipped to [0, 1]."""
-    n, device = len(x), x.device
-    rand = torch.rand((n, 5), generator=gen, device=device)
-    scale = 0.6 + 0.4 * rand[:, 0]
-    flip = torch.where(rand[:, 1] < 0.5, -1.0, 1.0)
-    shift = (rand[:, 2:4] * 2 - 1) * (1 - scale)[:, None]
-    theta = torch.zeros((n, 2, 3), device=device)
-    theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    warped = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    return (warped * (0.6 + 0.8 * rand[:, 4]).view(n, 1, 1, 1)).clamp(0.0, 1.0)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent loss of two batches of L2-normalised projections (Chen et al. 2020, Eq. 1)."""
-    z = torch.cat([z1, z2])
-    sim = z @ z.t() / temperature
-    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
-    n = len(z1)
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, positives)
-
-
-def csd(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Class-wise Separability Discriminant of perturbations (Ren et al., Eq. 5): low = separable."""
+def csd(delta: torch.Tensor, labels: torch.Tensor, *, radius_grad: bool = False) -> torch.Tensor:
+    """Class-wise Separability Discriminant of perturbations (Ren et al., Eq. 5): low = separable.
+    0 when the batch holds fewer than two classes. Radii are constants unless `radius_grad`."""
     flat = delta.reshape(len(delta), -1)
     classes = torch.unique(labels)
     if len(classes) < 2:
         return flat.sum() * 0.0
     centres = torch.stack([flat[labels == k].mean(0) for k in classes])
     radii = torch.stack([(flat[labels == k] - centres[i]).norm(dim=1).mean() for i, k in enumerate(classes)])
+    if not radius_grad:
+        radii = radii.detach()
     dist = torch.cdist(centres, centres)
     off = ~torch.eye(len(classes), dtype=torch.bool, device=delta.device)
     return ((radii[:, None] + radii[None, :] + 1e-5) / (dist + 1e-5))[off].mean()
@@ -155,40 +129,49 @@ class TransferableUnlearnable(Attack):
         pos = choose_positions(len(train), n_poison, rng)
         images, radius = train.images[pos], to_unit(ctx.threat.epsilon)
         labels = torch.from_numpy(train.labels[pos]).to(device)
-        backbone = build_model(ModelConfig(name=p.model, width=p.width), train.image_shape, train.num_classes,
-                               seed=int(rng.integers(2**31)))
+        encoder, optimizer = None, None
+        if p.ssl_weight > 0:  # with ssl_weight 0 the encoder cannot influence the noise (see the docstring)
+            encoder = build_encoder(p.model, p.width, p.projection_dim, train.image_shape, train.num_classes,
+                                    rng, device)
+            optimizer = simclr_optimizer(encoder, p.lr)
         gen = torch_generator(rng, device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2**31)))
-            encoder = ContrastiveEncoder(backbone, p.projection_dim).to(device)
-        optimizer = torch.optim.SGD(encoder.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
         height, width, channels = train.image_shape
-        noise = (torch.rand((len(pos), channels, height, width), generator=gen, device=device) * 2 - 1) * radius
-        batches = batch_slices(len(pos), p.batch_size)
-        for round_ in range(p.rounds):
-            encoder.train()
-            for step in range(p.train_steps):
-                batch = batches[(round_ * p.train_steps + step) % len(batches)]
-                x = (to_tensor(images[batch], device) + noise[batch]).clamp(0.0, 1.0)
-                loss = nt_xent(encoder(augment(x, gen)), encoder(augment(x, gen)), p.temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            encoder.eval()
-            encoder.requires_grad_(False)
-            for batch in batches:
-                x, y = to_tensor(images[batch], device), labels[batch]
-
-                def objective(delta: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                    noisy = (x + delta).clamp(0.0, 1.0)
-                    ssl = nt_xent(encoder(augment(noisy, gen)), encoder(augment(noisy, gen)), p.temperature)
-                    return ssl + p.csd_weight * csd(delta, y)
-
-                noise[batch] = sign_descent(noise[batch], objective, steps=p.steps,
-                                            step_size=p.step_fraction * radius,
-                                            project=lambda d, x=x: project_linf(d, radius, x))
-            encoder.requires_grad_(True)
-            logger.info("tue round %d/%d: last SimCLR loss %.4f", round_ + 1, p.rounds, float(loss.detach()))
+        noise = torch.zeros((len(pos), channels, height, width), device=device)
+        if p.random_start:
+            noise = (torch.rand(noise.shape, generator=gen, device=device) * 2 - 1) * radius
+        last_csd = 0.0
+        for epoch in range(p.epochs):
+            train_batches = shuffled_batches(len(pos), p.batch_size, gen)
+            for start in range(0, len(train_batches), p.train_steps):
+                if encoder is not None:
+                    encoder.requires_grad_(True)
+                    for batch in train_batches[start:start + p.train_steps]:
+                        x = (to_tensor(images[batch], device) + noise[batch]).clamp(0.0, 1.0)
+                        simclr_step(encoder, optimizer, x, gen, p.temperature)
+                    encoder.eval()
+                    encoder.requires_grad_(False)
+                last_csd = self._sweep(encoder, images, labels, noise, radius, gen, device)
+            logger.info("tue epoch %d/%d: mean batch CSD %.4f", epoch + 1, p.epochs, last_csd)
         out = quantize(images, noise, ctx.threat.epsilon)
         return Crafted(positions=pos, images=out, poison_labels=train.labels[pos],
-                       targets={"kind": "availability", "rounds": p.rounds})
+                       targets={"kind": "availability", "epochs": p.epochs, "final_batch_csd": round(last_csd, 6)})
+
+    def _sweep(self, encoder: torch.nn.Module | None, images: np.ndarray, labels: torch.Tensor, noise: torch.Tensor,
+               radius: float, gen: torch.Generator, device: torch.device) -> float:
+        """One pass of `steps` sign-descent steps over the noise of every protected sample, in a shuffled
+        order (updates `noise` in place); returns the mean CSD of the updated batches."""
+        p, values = self.params, []
+        for batch in shuffled_batches(len(images), p.batch_size, gen):
+            idx = torch.from_numpy(batch).to(device)
+            x, y = to_tensor(images[batch], device), labels[idx]
+
+            def objective(delta: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                loss = p.csd_weight * csd(delta, y)
+                if encoder is not None:
+                    loss = loss + p.ssl_weight * simclr_loss(encoder, (x + delta).clamp(0.0, 1.0), gen, p.temperature)
+                return loss
+
+            noise[idx] = sign_descent(noise[idx], objective, steps=p.steps, step_size=p.step_fraction * radius,
+                                      project=lambda d, x=x: project_linf(d, radius, x))
+            values.append(float(csd(noise[idx], y)))
+        return float(np.mean(values))
