@@ -186,7 +186,7 @@ def test_metapoison_builds_n_models_staggered_workers_through_actors(surrogates)
 
     craft("metapoison", surrogates, params={"n_models": 3, "stagger_epochs": 3, "steps": 2}, actors=factory)
     assert len(made) == 3 and [args[7] for args in made] == [0, 1, 2]  # start epochs 0..T-1
-    assert method_calls == ["adversarial_grad", "advance"] * 2
+    assert method_calls == ["craft_step"] * 2
 
 
 def test_metapoison_worker_restarts_after_stagger_epochs(surrogates):
@@ -197,17 +197,18 @@ def test_metapoison_worker_restarts_after_stagger_epochs(surrogates):
     assert worker.advance(np.zeros((4, 1, 8, 8), dtype=np.float32)) == 0 and worker.generation == 1
 
 
-@pytest.mark.parametrize("unroll_batch", ["mixed", "poisons"])
+@pytest.mark.parametrize("unroll_batch", ["epoch", "mixed", "poisons"])
 def test_metapoison_unroll_batch_decides_which_poisons_get_gradient(surrogates, unroll_batch):
-    """'mixed': each unrolled batch holds the poisons' share of it (here 1 of 8), so one step reaches only
-    those; 'poisons': every step unrolls on the whole poison set, so every poison gets a gradient."""
+    """'epoch' (default): the sweep sums the meta-gradient of every batch holding poisons, so every poison
+    gets one; 'mixed': each unrolled batch holds the poisons' share of it (here 1 of 8), so one step reaches
+    only those; 'poisons': every step unrolls on the whole poison set, so every poison gets a gradient."""
     pos = np.flatnonzero(TRAIN.labels == 0)[:8]
     params = make_attack("metapoison", {**FAST["metapoison"], "unroll_batch": unroll_batch, "unroll_steps": 1,
                                         "batch_size": 8}).params
     worker = MetaPoisonWorker(surrogates[0], TRAIN.images, TRAIN.labels, pos, TEST.images[:1], 1, params, 0, seed=0)
     _, grad = worker.adversarial_grad(np.zeros((8, 1, 8, 8), dtype=np.float32), step=0)
     reached = int((np.abs(grad).reshape(8, -1).sum(axis=1) > 0).sum())
-    assert reached == (8 if unroll_batch == "poisons" else 1)
+    assert reached == (1 if unroll_batch == "mixed" else 8)
 
 
 def test_poison_frogs_reduces_feature_distance(surrogates):

@@ -140,7 +140,9 @@ def test_abl_history_logs_clean_and_poison_losses_per_stage_and_isolation_precis
     result = make_defense("abl", {"isolation_epochs": 2, "finetune_epochs": 1, "unlearning_epochs": 1,
                                   "isolation_fraction": 0.1}).fit(_ctx(CONV))
     assert [h["stage"] for h in result.history] == ["isolation", "isolation", "finetune", "unlearning"]
-    assert all("loss_clean" in h and "loss_poison" in h for h in result.history)
+    assert all("loss_clean" in h and "loss_poison" in h for h in result.history[:-1])
+    # unlearning trains on the isolated samples only (the reference's pure ascent): their groups' losses
+    assert "loss_isolated" in result.history[-1] and ({"loss_clean", "loss_poison"} & set(result.history[-1]))
     assert result.info["n_isolated"] == 9 and 0 <= result.info["isolation_precision"] <= 1
     unsupervised = make_defense("abl", SMALL["abl"]).fit(_ctx(CONV, poison=False))
     assert "isolation_precision" not in unsupervised.info

@@ -7,11 +7,26 @@ ctx.surrogates), enclose the target's in their convex hull (the polytope objecti
     min_{c, x_p}  1/2 sum_i ||phi^(i)(x_t) - sum_j c_j^(i) phi^(i)(x_p^(j))||^2 / ||phi^(i)(x_t)||^2
     s.t.  sum_j c_j^(i) = 1,  c^(i) >= 0,  ||x_p^(j) - x_b^(j)||_inf <= eps.
 
-Algorithm 1 alternates: (1) for each network, the coefficients c^(i) solve the least-squares
-problem on the probability simplex by projected gradient descent (forward step 1/L with L the
-largest eigenvalue of A^T A, projection onto the simplex after Duchi et al., ICML 2008), warm
-started from the previous c^(i); (2) one Adam step on the poisons (lr 0.04, 4000 iterations in the
-paper's transfer setting); (3) projection onto the eps-ball around the bases and the pixel box.
+Algorithm 1 alternates, as the reference code does (aks2203/poisoning-benchmark,
+poison_crafting/ConvexPolytope/trainer.py: `least_squares_simplex`, `get_CP_loss`,
+`make_convex_polytope_poisons`; the same in zhuchen03/ConvexPolytopePosioning/trainer.py):
+
+1. for each network, the coefficients c^(i) solve the least-squares problem on the probability simplex
+   by projected gradient descent, warm started from the previous c^(i): step t = 2 / L with L the
+   largest eigenvalue of A^T A, halved whenever the gradient step raises the (unprojected) residual,
+   else the step projected onto the simplex (Duchi et al., ICML 2008); stop when the relative change
+   falls below `coef_tol` (the reference: 1e-6, at most 10,000 iterations). The reference estimates L
+   by one power step from a random vector (a lower bound, so its first steps are longer and get
+   halved); the exact eigenvalue here keeps the solver deterministic.
+2. one Adam step (betas 0.9, 0.999) on the poisons, lr 0.04, 4000 iterations in the paper's transfer
+   setting (the benchmark's script: 1200). The reference optimises the *normalised* tensor
+   (x - mean) / std with the CIFAR-10 std (0.2023, 0.1994, 0.2010); our models take unnormalised [0, 1]
+   inputs (poison_core/models: no normalisation layer), and an Adam step of size lr on x / std is a step
+   of size lr * std on x (Adam's step is invariant to the gradient's scale), so the pixel-scale step is
+   lr * `input_std` (0.04 * 0.2009 = 0.0080 per pixel, not 0.04).
+3. projection onto the eps-ball around the bases and the pixel box [0, 1] (the reference clips
+   (x - b) * std to [-eps, eps], then the image to [0, 1]: the same set on our scale).
+
 The paper's dropout in the substitute networks during crafting is left out (our models have none).
 """
 
@@ -32,12 +47,19 @@ from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted
 logger = logging.getLogger(__name__)
 
 
+REFERENCE_STD = 0.2009  # mean of the reference's CIFAR-10 normalisation std (0.2023, 0.1994, 0.2010)
+
+
 class ConvexPolytopeParams(AttackParams):
-    """steps, lr: Zhu et al. Sec. 5 (4000 Adam iterations, lr 0.04); coef_iters / coef_tol: inner solver."""
+    """steps, lr: Zhu et al. Sec. 5 (4000 Adam iterations, lr 0.04), lr in the reference's units (Adam on
+    the tensor normalised by std `input_std`, learning_module.data_mean_std_dict['cifar10']): the step
+    on our [0, 1] pixel scale is lr * input_std. coef_iters / coef_tol: the inner simplex solver (the
+    reference's `least_squares_simplex`: tol 1e-6, at most 10,000 iterations)."""
 
     steps: int = Field(4000, ge=1, le=100_000)
     lr: float = Field(0.04, gt=0, le=10)
-    coef_iters: int = Field(1000, ge=1, le=100_000)
+    input_std: float = Field(REFERENCE_STD, gt=0, le=1)
+    coef_iters: int = Field(10_000, ge=1, le=100_000)
     coef_tol: float = Field(1e-6, gt=0, le=1)
 
 
@@ -53,18 +75,28 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
 
 def simplex_least_squares(features: torch.Tensor, target: torch.Tensor, start: torch.Tensor, *, iters: int,
                           tol: float) -> torch.Tensor:
-    """argmin_{c in simplex} ||target - c @ features||^2 by projected gradient descent (Algorithm 1, inner loop).
+    """argmin_{c in simplex} ||target - c @ features||^2 by projected gradient descent (Algorithm 1, inner
+    loop; the reference's `least_squares_simplex`): step 2 / L, halved when the gradient step raises the
+    residual, otherwise the projected step is taken; stop at relative change < tol.
 
     features: (k, D) poison features; target: (D,); start: (k,) warm start on the simplex.
     """
     gram = features @ features.T
     rhs = features @ target
-    step = 1.0 / float(torch.linalg.eigvalsh(gram).max().clamp_min(1e-12))
-    c = start
+
+    def residual(c: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(target - c @ features))
+
+    step = 2.0 / float(torch.linalg.eigvalsh(gram).max().clamp_min(1e-12))
+    c, current = start, residual(start)
     for _ in range(iters):
-        new = project_simplex(c - step * (gram @ c - rhs))
+        forward = c - step * (gram @ c - rhs)
+        if residual(forward) > current:
+            step /= 2
+            continue
+        new = project_simplex(forward)
         done = float(torch.linalg.vector_norm(new - c)) / max(float(torch.linalg.vector_norm(c)), 1e-8) < tol
-        c = new
+        c, current = new, residual(new)
         if done:
             break
     return c
@@ -91,7 +123,9 @@ def convex_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: to
     k = len(bases)
     coefficients = [torch.full((k,), 1.0 / k, dtype=bases.dtype, device=bases.device) for _ in models]
     x = bases.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=params.lr)
+    # Adam(lr, eps) on x / std is exactly Adam(lr * std, eps / std) on x (module docstring, step 2).
+    std = params.input_std
+    optimizer = torch.optim.Adam([x], lr=params.lr * std, betas=(0.9, 0.999), eps=1e-8 / std)
     for step in range(params.steps):
         features = [m.features(x) for m in models]
         coefficients = [simplex_least_squares(f.detach(), t, c, iters=params.coef_iters, tol=params.coef_tol)

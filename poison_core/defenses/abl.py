@@ -13,13 +13,19 @@ where D_b is a small isolated set of likely backdoor samples and D_c the rest, i
    sample at gamma (measured on digits: mean loss 0.50 for poisons vs 0.51 for clean samples) and
    the ranking carries no signal. The learning rate is constant in this phase.
 2. Training continues on D_c with the victim's recipe (`finetune_epochs`).
-3. Backdoor unlearning: `unlearning_epochs` epochs of L_ABL itself, each step a batch of D_c
-   (descent) and a batch of D_b (ascent). Two safeguards, measured necessary on small CPU models:
-   each isolated sample's loss is capped at ln K (chance level) inside the ascent term, because the
-   unbounded ascent diverged to NaN within tens of steps; and the clean descent term is kept (the
-   authors' code ascends on D_b alone), because pure ascent on a few target-class images
-   suppressed the target class everywhere (clean accuracy ~10 % on digits). BatchNorm layers are in
-   eval mode so the isolated (triggered) images do not overwrite the running statistics.
+3. Backdoor unlearning, `unlearning` selects the procedure:
+   * "ascent" (default, the authors' code: bboylyg/ABL backdoor_unlearning.py `train_step_unlearning`
+     and quick_unlearning_demo.py): `unlearning_epochs` passes of pure gradient ascent on the mean
+     cross-entropy of D_b alone (one step per batch of D_b), the model in train mode (BatchNorm
+     statistics update), SGD lr 5e-4, momentum 0.9, Nesterov, weight decay 1e-4 (the reference's
+     optimizer), no loss cap. The reference runs 5 such epochs (the demo; backdoor_unlearning.py
+     evaluates before its first of 5 and so ascends 4).
+   * "descent_ascent" (our earlier variant, kept for comparison): the full L_ABL per step, a batch of
+     D_c (descent) and a batch of D_b (ascent) for every batch of D_c, so ~|D_c| / |D_b| times more
+     ascent steps than the reference; each isolated sample's loss capped at ln K (chance level) inside
+     the ascent term, BatchNorm in eval mode, SGD with momentum 0.9. It was introduced because pure
+     ascent on a few target-class images once suppressed the target class everywhere on digits.
+   The reference's isolation uses flooding |L - gamma| + gamma by default, whose gradient is LGA's.
 
 T_te defaults to 5 (paper: 20 of 100 epochs on CIFAR-10) to suit the short CPU recipes here.
 Ground truth (ctx.is_poison), when given, is used only to report per-epoch mean losses of clean and
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -46,11 +52,14 @@ from poison_core.training import LossContext, LossFn, TrainHooks, batch_slices, 
 
 logger = logging.getLogger(__name__)
 
+REFERENCE_WEIGHT_DECAY = 1e-4  # bboylyg/ABL config.py --weight_decay, the unlearning optimizer's
+
 
 class ABLParams(DefenseParams):
     """isolation_epochs: T_te (paper 20); gamma: the LGA loss floor (paper 0.5); isolation_fraction:
-    p (paper 0.01); finetune_epochs: phase-2 epochs (None: the victim recipe's); unlearning_epochs
-    and unlearning_lr: phase 3 (the authors' code: lr 5e-4, SGD with momentum 0.9)."""
+    p (paper 0.01); finetune_epochs: phase-2 epochs (None: the victim recipe's); unlearning,
+    unlearning_epochs and unlearning_lr: phase 3 (the authors' code: pure ascent on D_b, 5 epochs,
+    lr 5e-4, SGD with momentum 0.9, Nesterov, weight decay 1e-4; see the module docstring)."""
 
     isolation_epochs: int = Field(5, ge=1, le=1000)
     gamma: float = Field(0.5, ge=0, le=10)
@@ -58,6 +67,7 @@ class ABLParams(DefenseParams):
     finetune_epochs: int | None = Field(None, ge=0, le=1000)
     unlearning_epochs: int = Field(5, ge=0, le=1000)
     unlearning_lr: float = Field(5e-4, gt=0, le=10)
+    unlearning: Literal["ascent", "descent_ascent"] = "ascent"
 
 
 def lga_loss(per_sample: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -165,10 +175,41 @@ class ABL(Defense):
 
     def _unlearn(self, model: nn.Module, train: ImageDataset, rest: np.ndarray, isolated: np.ndarray,
                  ctx: DefenseContext, rec: _LossRecorder) -> None:
-        """Minimise L_ABL: mean CE on a batch of D_c minus mean CE (capped at ln K) on a batch of D_b."""
+        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "abl", "unlearning"))
+        if self.params.unlearning == "ascent":
+            self._ascend(model, train, isolated, ctx, rec, gen)
+        else:
+            self._descend_ascend(model, train, rest, isolated, ctx, rec, gen)
+
+    def _ascend(self, model: nn.Module, train: ImageDataset, isolated: np.ndarray, ctx: DefenseContext,
+                rec: _LossRecorder, gen: torch.Generator) -> None:
+        """The reference's unlearning: maximise the mean CE of each batch of D_b, in train mode."""
+        p = self.params
+        optimizer = torch.optim.SGD(model.parameters(), lr=p.unlearning_lr, momentum=0.9, nesterov=True,
+                                    weight_decay=REFERENCE_WEIGHT_DECAY)
+        batches = batch_slices(len(isolated), ctx.victim.train.batch_size)
+        for _ in range(p.unlearning_epochs):
+            order = isolated[torch.randperm(len(isolated), generator=gen).numpy()]
+            total = 0.0
+            for batch in batches:
+                idx = order[batch]
+                model.train(len(idx) > 1)  # BatchNorm cannot train on a single sample
+                logits = model(to_tensor(train.images[idx], ctx.device))
+                per_sample = F.cross_entropy(logits, torch.from_numpy(train.labels[idx]).to(ctx.device),
+                                             reduction="none")
+                rec.add(idx, per_sample.detach().cpu().numpy())
+                loss = per_sample.mean()
+                optimizer.zero_grad(set_to_none=True)
+                (-loss).backward()
+                optimizer.step()
+                total += float(loss.detach()) / len(batches)
+            rec.end_epoch("unlearning", {"loss": -total, "loss_isolated": total, "lr": p.unlearning_lr})
+
+    def _descend_ascend(self, model: nn.Module, train: ImageDataset, rest: np.ndarray, isolated: np.ndarray,
+                        ctx: DefenseContext, rec: _LossRecorder, gen: torch.Generator) -> None:
+        """Our earlier variant: mean CE on a batch of D_c minus mean CE (capped at ln K) on a batch of D_b."""
         p = self.params
         optimizer = torch.optim.SGD(model.parameters(), lr=p.unlearning_lr, momentum=0.9)
-        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "abl", "unlearning"))
         bs = ctx.victim.train.batch_size
         batches = batch_slices(len(rest), bs)
         cap = math.log(train.num_classes)

@@ -1,17 +1,23 @@
 """Deep Partition Aggregation (Levine & Feizi, 'Deep Partition Aggregation: Provable Defenses against
 General Poisoning Attacks', ICLR 2021).
 
-The training set is split into k disjoint partitions by a hash of each sample's *content*
+The training set is split into k disjoint partitions by a hash of each sample's *pixels*
 (P_i = {t in T : h(t) = i (mod k)}, the paper's Sec. 3), so the partition of a sample does not depend
-on its position, its id or on any other sample. One base classifier f_i is trained on each P_i and the
-ensemble predicts the plurality vote g(x) = argmax_c n_c(x), ties going to the smaller label (Eq. 1).
-Inserting or deleting one training sample changes one partition, hence at most one vote; so the
-prediction is certified against any rho(x) insertions/deletions (Theorem 1), where
+on its position, its id, its label or on any other sample. As in the reference
+(alevine0/DPA partition_data_norm_hash.py: the sum of the uint8 pixels mod k) the label is not
+hashed, so relabelling a sample changes its own partition only, one vote; `partition_hash` = "sha256"
+(default) hashes the pixel bytes with sha256 (balanced partitions whatever the pixel statistics),
+"pixel_sum" is the reference's hash itself. Within a partition the samples are ordered by (pixel
+digest, label), content only, like the reference's lexsort over (pixels, label). One base classifier
+f_i is trained on each P_i and the ensemble predicts the plurality vote g(x) = argmax_c n_c(x), ties
+going to the smaller label (Eq. 1). Inserting, deleting or relabelling one training sample changes
+one partition, hence at most one vote; so the prediction is certified against any rho(x) such
+changes (Theorem 1), where
 
     rho(x) = floor( (n_c - max_{c' != c} (n_{c'} + 1[c' < c])) / 2 ),   c = g(x).
 
 Each base model is a deterministic function of its partition's content: its seed depends only on
-(seed, i) and its samples are ordered by their hash before training. A partition with fewer than
+(seed, i) and its samples are ordered by their content before training. A partition with fewer than
 two samples (BatchNorm cannot train on one) gets the classifier of the empty training set: a model
 whose head is zero, which always votes for class 0. That is still a fixed function of the
 partition, so the certificate holds; it just spends one vote.
@@ -25,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,26 +51,29 @@ REPORT_RADII = (0, 1, 2, 5)
 
 class DPAParams(DefenseParams):
     """k: number of partitions / base models (the paper uses k = 50 on MNIST and up to 1000 on
-    CIFAR-10); epochs: base-model epochs (None: the victim recipe's)."""
+    CIFAR-10); epochs: base-model epochs (None: the victim recipe's); partition_hash: the pixel hash h
+    (module docstring; "pixel_sum" is the reference's)."""
 
     k: int = Field(50, ge=2, le=10000)
     epochs: int | None = Field(None, ge=1, le=1000)
+    partition_hash: Literal["sha256", "pixel_sum"] = "sha256"
 
 
-def sample_digests(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
-    """sha256 of each sample's image bytes followed by its label as little-endian int64."""
+def sample_digests(images: np.ndarray) -> list[bytes]:
+    """sha256 of each sample's uint8 image bytes (pixels only: the label is not part of the hash)."""
     images = np.ascontiguousarray(images, dtype=np.uint8)
-    labels = np.asarray(labels).astype("<i8")
-    return [hashlib.sha256(images[i].tobytes() + labels[i].tobytes()).digest() for i in range(len(images))]
+    return [hashlib.sha256(images[i].tobytes()).digest() for i in range(len(images))]
 
 
-def partition_of(images: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Partition index in [0, k) of each sample: its content hash (first 8 bytes) modulo k."""
+def partition_of(images: np.ndarray, k: int, scheme: Literal["sha256", "pixel_sum"] = "sha256") -> np.ndarray:
+    """Partition index in [0, k) of each sample, from its pixels alone: the first 8 bytes of its sha256
+    (little-endian) modulo k, or ("pixel_sum", the reference's) the sum of its uint8 pixels modulo k."""
     if k < 1:
         raise ValueError(f"k: must be at least 1, got {k}")
-    if len(images) != len(labels):
-        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
-    return _partitions(sample_digests(images, labels), k)
+    if scheme == "pixel_sum":
+        flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
+        return (flat.sum(axis=1, dtype=np.int64) % k).astype(np.int64)
+    return _partitions(sample_digests(images), k)
 
 
 def _partitions(digests: list[bytes], k: int) -> np.ndarray:
@@ -158,11 +167,12 @@ class DPA(Defense):
         victim = ctx.victim
         if self.params.epochs is not None:
             victim = victim.model_copy(update={"train": victim.train.model_copy(update={"epochs": self.params.epochs})})
-        digests = sample_digests(train.images, train.labels)
-        parts = _partitions(digests, k)
+        digests = sample_digests(train.images)
+        parts = partition_of(train.images, k, self.params.partition_hash)
         calls, sizes = [], []
         for i in range(k):
-            members = sorted(np.flatnonzero(parts == i).tolist(), key=digests.__getitem__)
+            members = sorted(np.flatnonzero(parts == i).tolist(),
+                             key=lambda j: (digests[j], int(train.labels[j])))
             sizes.append(len(members))
             calls.append((victim, train.subset(np.asarray(members, dtype=np.int64)),
                           derive_seed(ctx.seed, "dpa", i), str(ctx.device)))
