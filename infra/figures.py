@@ -26,11 +26,16 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def poison_grid(clean: np.ndarray, poisoned: np.ndarray, n: int = 8, amplify: float = 10) -> Figure:
+def poison_grid(clean: np.ndarray, poisoned: np.ndarray, n: int = 8, amplify: float = 10,
+                orig_labels: Sequence[int] | None = None, poison_labels: Sequence[int] | None = None,
+                title: str = "", class_names: Sequence[str] | None = None) -> Figure:
     """Rows: clean images, poisoned images, and the perturbation ``128 + amplify * (poisoned - clean)``.
 
     The third row is centred at grey: brighter pixels were pushed up, darker ones down, and a pure-grey
     tile means no change. `clean` and `poisoned` are uint8 NHWC of equal shape; the first `n` are shown.
+    With labels, each column is titled ``original -> poison`` label (red when the label was changed), so a
+    label flip or a backdoor's relabelling shows even where the pixels do not; `title` (the attack's name)
+    heads the figure.
     """
     clean, poisoned = np.asarray(clean), np.asarray(poisoned)
     if clean.dtype != np.uint8 or poisoned.dtype != np.uint8 or clean.ndim != 4 or clean.shape != poisoned.shape:
@@ -58,16 +63,28 @@ def poison_grid(clean: np.ndarray, poisoned: np.ndarray, n: int = 8, amplify: fl
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(label)
+            if r == 0 and orig_labels is not None and poison_labels is not None:
+                before, after = (_class_name(int(v[c]), class_names) for v in (orig_labels, poison_labels))
+                changed = int(orig_labels[c]) != int(poison_labels[c])
+                ax.set_title(f"{before} -> {after}" if changed else before, fontsize=9,
+                             color="tab:red" if changed else "black")
     linf = int(np.abs(delta).max())
-    fig.suptitle(f"{count} poisons, L-inf {linf}/255")
+    flipped = "" if orig_labels is None or poison_labels is None else \
+        f", {int(np.sum(np.asarray(orig_labels)[:count] != np.asarray(poison_labels)[:count]))} labels changed"
+    fig.suptitle(f"{title + ': ' if title else ''}{count} poisons, L-inf {linf}/255{flipped}")
     return fig
 
 
+def _class_name(label: int, class_names: Sequence[str] | None) -> str:
+    return str(class_names[label]) if class_names is not None and 0 <= label < len(class_names) else str(label)
+
+
 def heatmap(values: Mapping[tuple[str, str], float], title: str = "", fmt: str = ".2f",
-            cmap: str = "viridis") -> Figure:
+            cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None) -> Figure:
     """Attacks as rows, defenses as columns (first-seen order), each cell annotated with ``format(v, fmt)``.
 
-    Missing (attack, defense) pairs and NaN values are left blank.
+    Missing (attack, defense) pairs and NaN values are left blank. `vmin`/`vmax` fix the colour scale
+    (0 and 1 for rates, so equal colours mean equal rates across runs); by default it spans the values.
     """
     if not values:
         raise InputError("heatmap: no (attack, defense) values")
@@ -78,13 +95,15 @@ def heatmap(values: Mapping[tuple[str, str], float], title: str = "", fmt: str =
         grid[attacks.index(attack), defenses.index(defense)] = float(value)
     fig = _figure(1.2 * len(defenses) + 2.5, 0.6 * len(attacks) + 1.6)
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
     ax.set_yticks(range(len(attacks)), attacks)
     ax.set_xlabel("defense")
     ax.set_ylabel("attack")
     finite = grid[np.isfinite(grid)]
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    low = vmin if vmin is not None else (finite.min() if finite.size else 0.0)
+    high = vmax if vmax is not None else (finite.max() if finite.size else 0.0)
+    middle = (low + high) / 2
     for i in range(len(attacks)):
         for j in range(len(defenses)):
             if np.isfinite(grid[i, j]):

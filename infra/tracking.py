@@ -117,20 +117,24 @@ class Tracker:
 
     @contextmanager
     def parent_run(self, name: str, params: Mapping[str, Any] | None = None,
-                   tags: Mapping[str, Any] | None = None) -> Iterator[str]:
-        """A top-level run (one benchmark); yields its run id. FAILED if the block raises."""
-        with self._run(name, params, None, tags, parent=None) as run_id:
+                   tags: Mapping[str, Any] | None = None, start_time: int | None = None) -> Iterator[str]:
+        """A top-level run (one benchmark); yields its run id. FAILED if the block raises.
+        `start_time` (ms since the epoch) back-dates the run to when the benchmark really began."""
+        with self._run(name, params, None, tags, parent=None, start_time=start_time) as run_id:
             yield run_id
 
     @contextmanager
     def cell_run(self, name: str, params: Mapping[str, Any] | None = None,
                  metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None,
-                 parent_run_id: str | None = None) -> Iterator[str]:
-        """A run nested under `parent_run_id` or the open parent run (one cell); yields its run id."""
+                 parent_run_id: str | None = None, start_time: int | None = None,
+                 end_time: int | None = None) -> Iterator[str]:
+        """A run nested under `parent_run_id` or the open parent run (one cell); yields its run id.
+        `start_time` / `end_time` (ms since the epoch) record when the cell's work really ran."""
         parent = parent_run_id or self.active_run_id
         if parent is None:
             raise RuntimeError("cell_run needs an open parent_run or an explicit parent_run_id")
-        with self._run(name, params, metrics, tags, parent=parent) as run_id:
+        with self._run(name, params, metrics, tags, parent=parent, start_time=start_time,
+                       end_time=end_time) as run_id:
             yield run_id
 
     def log_params(self, params: Mapping[str, Any], run_id: str | None = None) -> None:
@@ -197,12 +201,14 @@ class Tracker:
 
     @contextmanager
     def _run(self, name: str, params: Mapping[str, Any] | None, metrics: Mapping[str, float] | None,
-             tags: Mapping[str, Any] | None, parent: str | None) -> Iterator[str]:
+             tags: Mapping[str, Any] | None, parent: str | None, start_time: int | None = None,
+             end_time: int | None = None) -> Iterator[str]:
         secrets = secret_values()
         run_tags = scrub(tags or {}, secrets)
         if parent is not None:
             run_tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=redact(name, secrets))
+        run = self.client.create_run(self.experiment_id, start_time=start_time, tags=run_tags,
+                                     run_name=redact(name, secrets))
         run_id = run.info.run_id
         token = self._active.set((*self._active.get(), run_id))
         status = "FAILED"
@@ -218,7 +224,7 @@ class Tracker:
             raise
         finally:
             self._active.reset(token)
-            self.client.set_terminated(run_id, status)
+            self.client.set_terminated(run_id, status, end_time=end_time if status == "FINISHED" else None)
             log.info("run %s (%s) %s", name, run_id, status.lower())
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
@@ -226,9 +232,13 @@ class Tracker:
 
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if "mlflow.experimentKind" not in found.tags:  # created by an older version
+                self.client.set_experiment_tag(found.experiment_id, "mlflow.experimentKind", "custom_model_development")
             return found.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            # the kind makes MLflow 3's UI open on the runs ("Model training") view, not on GenAI traces
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
         except MlflowException:  # created concurrently by another process
             found = self.client.get_experiment_by_name(name)
             if found is None:

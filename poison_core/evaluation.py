@@ -49,14 +49,26 @@ def evaluate(classifier: Classifier, test: ImageDataset, poison_set: PoisonSet |
         pos = test.positions(np.asarray(goal["target_ids"]))
         adv = np.asarray(goal["adversarial_classes"])
         probs = _softmax(classifier.predict_logits(test.images[pos]))
-        out["target_success"] = float(metrics.targeted_success(probs.argmax(axis=1), adv).mean())
+        hits = metrics.targeted_success(probs.argmax(axis=1), adv)
+        out["target_success"] = float(hits.mean())
+        out["target_hits"], out["n_targets"] = int(hits.sum()), int(hits.size)
         out["adv_prob"] = float(probs[np.arange(len(pos)), adv].mean())
     return out
 
 
-def summarize(rows: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("attack", "defense")) -> list[dict[str, Any]]:
-    """Group cell rows by `keys`; mean of every numeric metric with a 95 % interval: Wilson for
-    0/1 outcomes (targeted success over poison keys), percentile bootstrap otherwise."""
+def summarize(rows: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("attack", "defense"),
+              confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Group cell rows by `keys`; per numeric metric the mean over seeds, and, by the metric's kind
+    (:func:`poison_core.metrics.metric_kind`), a `confidence` interval ``<m>_ci`` with the n it is over
+    ``<m>_n``:
+
+    * targeted success ("keys"): Wilson on the successes pooled over every poison key of every seed
+      (``target_hits`` of ``n_targets``), n = keys; the mean is then the pooled rate;
+    * rates and means on test images ("seeds": clean accuracy, ASR, pair-flip rate, ...): Student-t
+      over seeds, n = seeds, clipped to the metric's range (:func:`poison_core.metrics.metric_range`);
+      no interval from a single seed;
+    * counts and settings ("none": n_poison, ...): the mean only.
+    """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[tuple(row[k] for k in keys)].append(row)
@@ -65,16 +77,35 @@ def summarize(rows: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("attack",
         entry: dict[str, Any] = dict(zip(keys, group_key))
         entry["n_seeds"] = len(members)
         names = sorted({m for row in members for m, v in row.items()
-                        if m not in keys and isinstance(v, (int, float)) and m != "seed"})
+                        if m not in keys and isinstance(v, (int, float)) and not isinstance(v, bool) and m != "seed"})
         for name in names:
             values = np.array([row[name] for row in members if name in row], dtype=np.float64)
             values = values[~np.isnan(values)]
             if not len(values):
                 continue
             entry[name] = float(values.mean())
-            if len(values) > 1 and np.isin(values, (0.0, 1.0)).all():  # a rate over keys: Wilson
-                entry[f"{name}_ci"] = metrics.wilson_interval(int(values.sum()), len(values))
-            elif len(values) > 1:
-                entry[f"{name}_ci"] = metrics.bootstrap_interval(values)
+            kind = metrics.metric_kind(name)
+            if kind == "keys":
+                _pooled_wilson(entry, name, members, confidence)
+            elif kind == "seeds":
+                entry[f"{name}_n"] = int(len(values))
+                interval, bounds = metrics.t_interval(values, confidence), metrics.metric_range(name)
+                if interval is not None and bounds is not None:  # the mean of a rate lies in [0, 1]
+                    interval = (max(interval[0], bounds[0]), min(interval[1], bounds[1]))
+                if interval is not None:
+                    entry[f"{name}_ci"] = interval
         table.append(entry)
     return table
+
+
+def _pooled_wilson(entry: dict[str, Any], name: str, members: list[dict[str, Any]], confidence: float) -> None:
+    """Targeted success over the keys of all seeds; no interval for rows without the counts."""
+    hits_col, trials_col = metrics.key_count_columns(name)
+    counted = [row for row in members if hits_col in row and trials_col in row]
+    if len(counted) != len(members):
+        return
+    hits, trials = sum(int(r[hits_col]) for r in counted), sum(int(r[trials_col]) for r in counted)
+    if trials:
+        entry[name] = hits / trials
+        entry[f"{name}_ci"] = metrics.wilson_interval(hits, trials, confidence)
+        entry[f"{name}_n"] = trials

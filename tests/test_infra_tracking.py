@@ -150,3 +150,20 @@ def test_figures_render():
         curve([1, 2], {"gm": [1]})
     with pytest.raises(InputError, match="no"):
         heatmap({})
+
+
+def test_poison_grid_names_the_attack_and_shows_label_changes():
+    """A label flip changes no pixel: only the column titles (original -> poison label) show it."""
+    train = tiny_dataset(n=4)
+    grid = poison_grid(train.images, train.images, n=3, orig_labels=[1, 2, 3], poison_labels=[7, 2, 0],
+                       title="label_flip", class_names=[str(i) for i in range(10)])
+    titles = [ax.get_title() for ax in grid.axes[:3]]
+    assert titles == ["1 -> 7", "2", "3 -> 0"]
+    assert grid.get_suptitle().startswith("label_flip: 3 poisons") and "2 labels changed" in grid.get_suptitle()
+
+
+def test_rate_heatmap_has_a_fixed_zero_one_scale():
+    fig = heatmap({("badnets", "none"): 0.95, ("badnets", "abl"): 1.0}, "asr", vmin=0.0, vmax=1.0)
+    assert fig.axes[0].images[0].get_clim() == (0.0, 1.0)
+    auto = heatmap({("badnets", "none"): 0.95, ("badnets", "abl"): 1.0}, "asr")
+    assert auto.axes[0].images[0].get_clim() == (0.95, 1.0)
