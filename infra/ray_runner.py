@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from typing import Any, Callable, Sequence
 
+from infra.settings import Settings
 from poison_core.config import ExecutionConfig
-from poison_core.errors import WorkerLost
+from poison_core.errors import BelladonnaError, WorkerLost
 
 log = logging.getLogger(__name__)
+START_ATTEMPTS = 2
+"""Tries to start a local Ray instance: its raylet has a fixed 30 s to register, which a heavily
+loaded machine can miss once."""
 
 
 def ensure_ray(resources: ExecutionConfig) -> None:
@@ -33,10 +39,68 @@ def ensure_ray(resources: ExecutionConfig) -> None:
         kwargs.update(_node_ip_address="127.0.0.1")
     else:
         kwargs.pop("include_dashboard")
-    ray.init(address=address, **kwargs)
+    settings = Settings.from_env()
+    if address is not None:
+        _probe(address, settings.ray_connect_timeout)
+    for attempt in range(START_ATTEMPTS):
+        try:
+            ray.init(address=address, **kwargs)
+            break
+        except Exception as exc:  # Ray raises a bare Exception when its raylet misses a fixed 30 s start-up
+            if address is not None or "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                raise
+            log.warning("ray: the local instance did not start in time (a loaded machine?); starting it again")
+            ray.shutdown()
     log.info("ray: %s", ray.cluster_resources())
+    check_cluster_resources(resources, settings.ray_resource_wait if address is not None else 0.0)
     if address is None:
         _warm_workers()
+
+
+class ClusterError(BelladonnaError):
+    """The Ray cluster cannot be reached, or none of its nodes can ever run a job as configured."""
+
+
+def _probe(address: str, timeout: float) -> None:
+    """ClusterError within `timeout` seconds unless the GCS (or Ray Client) port of `address` accepts a
+    TCP connection: ray.init on an unreachable address would otherwise retry for minutes. 'auto' and
+    'local' are resolved by Ray itself (they fail at once when no cluster runs here)."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"execution.ray_address: {address!r} is not host:port (or ray://host:port, auto)")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s "
+                                   f"({type(exc).__name__}: {exc})") from None
+            time.sleep(0.5)
+
+
+def check_cluster_resources(resources: ExecutionConfig, wait: float) -> None:
+    """ClusterError unless some alive node can hold one job (its CPUs and GPUs). A cluster that
+    autoscales may add such a node: wait up to `wait` seconds for one before giving up, instead of
+    leaving the jobs pending forever."""
+    import ray
+
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(n.get("CPU", 0) >= resources.num_cpus and n.get("GPU", 0) >= resources.num_gpus for n in nodes):
+            return
+        if time.monotonic() >= deadline:
+            most_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+            most_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+            raise ClusterError(f"execution.num_cpus / num_gpus: a job asks for {resources.num_cpus:g} CPUs and "
+                               f"{resources.num_gpus:g} GPUs, but no node of the Ray cluster has that (largest: "
+                               f"{most_cpu:g} CPUs, {most_gpu:g} GPUs; waited {wait:g} s for autoscaling)")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
 def _import_stages() -> int:

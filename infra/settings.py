@@ -10,6 +10,8 @@
 | ``BELLADONNA_S3_RETRIES`` | ``s3_retries`` (botocore ``max_attempts``: retries after the first try) | 2 |
 | ``BELLADONNA_S3_CONNECT_TIMEOUT`` / ``BELLADONNA_S3_READ_TIMEOUT`` | seconds | 5 / 30 |
 | ``MLFLOW_TRACKING_URI`` | ``mlflow_tracking_uri`` | ``sqlite:///<run_dir>/mlflow.db`` |
+| ``BELLADONNA_RAY_CONNECT_TIMEOUT`` | ``ray_connect_timeout`` (seconds to reach a cluster's address) | 15 |
+| ``BELLADONNA_RAY_RESOURCE_WAIT`` | ``ray_resource_wait`` (seconds for a node that fits a job, e.g. autoscaling) | 300 |
 
 Credentials are :class:`pydantic.SecretStr`: they never appear in ``repr``, ``str`` or logs.
 """
@@ -37,6 +39,8 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "s3_connect_timeout": ("BELLADONNA_S3_CONNECT_TIMEOUT",),
     "s3_read_timeout": ("BELLADONNA_S3_READ_TIMEOUT",),
     "mlflow_tracking_uri": ("MLFLOW_TRACKING_URI",),
+    "ray_connect_timeout": ("BELLADONNA_RAY_CONNECT_TIMEOUT",),
+    "ray_resource_wait": ("BELLADONNA_RAY_RESOURCE_WAIT",),
 }
 _SECRET_FIELDS = frozenset({"aws_access_key_id", "aws_secret_access_key", "aws_session_token"})
 
@@ -57,6 +61,8 @@ class Settings(BaseModel):
     s3_connect_timeout: float = Field(5.0, gt=0, le=300)
     s3_read_timeout: float = Field(30.0, gt=0, le=3600)
     mlflow_tracking_uri: str | None = None
+    ray_connect_timeout: float = Field(15.0, gt=0, le=3600)
+    ray_resource_wait: float = Field(300.0, ge=0, le=86400)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ from infra.settings import Settings
 from poison_core import io as core_io
 from poison_core import poisons
 from poison_core.data.dataset import ImageDataset
-from poison_core.errors import BelladonnaError, InputError
+from poison_core.config import ThreatModel
+from poison_core.errors import AuditError, BelladonnaError, InputError
 from poison_core.poisons import PoisonSet
 
 log = logging.getLogger(__name__)
@@ -123,6 +127,14 @@ class Store:
             options["token"] = s.aws_session_token.get_secret_value()
         return options
 
+    def check_writable(self) -> None:
+        """InputError unless this root can hold the store: a local root must be (or be creatable as) a
+        writable folder; an S3 root's bucket must exist and be reachable (StorageError otherwise)."""
+        if self.is_s3:
+            with self._guard("check", self.root):
+                return
+        check_local_folder(self.root, "--store")
+
     def uri(self, *parts: str) -> str:
         """Full URI of a key (``uri()`` is the root itself)."""
         return f"{self.root}/{check_key(*parts)}" if parts else self.root
@@ -166,18 +178,42 @@ class Store:
                 return
             fs.rm_file(path)
 
+    def quarantine(self, key: str, reason: str) -> str:
+        """Move the damaged output at `key` aside to ``quarantine/<UTC time>/<key>`` (kept, not deleted),
+        so its stage recomputes it; logs one warning that names both places and the reason."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = check_key("quarantine", stamp, key)
+        source_uri, target_uri = self.uri(key), self.uri(target)
+        with self._guard("quarantine", source_uri):
+            fs, source = core_io.filesystem(source_uri, self.storage_options)
+            _, dest = core_io.filesystem(target_uri, self.storage_options)
+            if not self.is_s3:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fs.mv(source, dest)
+        log.warning("damaged output %s (%s): moved to %s and recomputed", source_uri, reason, target_uri)
+        return target
+
     def write_poison_set(self, key: str, poison_set: PoisonSet, train: ImageDataset) -> str:
-        """Audit and atomically write a PoisonSet at `key`; returns its URI."""
+        """Audit and atomically write a PoisonSet at `key`, recording the key in its provenance (what
+        :meth:`read_poison_set` checks); returns its URI."""
         uri = self.uri(key)
+        keyed = replace(poison_set, provenance={**poison_set.provenance, "store_key": key})
         with self._guard("write", uri):
-            poisons.write_poison_set(poison_set, uri, train, self.storage_options)
+            poisons.write_poison_set(keyed, uri, train, self.storage_options)
         return uri
 
-    def read_poison_set(self, key: str, train: ImageDataset) -> PoisonSet:
-        """Read and audit the PoisonSet at `key` against the clean training set."""
+    def read_poison_set(self, key: str, train: ImageDataset, threat: ThreatModel) -> PoisonSet:
+        """Read the PoisonSet at `key` and audit it against the clean training set and the threat model
+        the reader expects. A file that records another key than the one it is stored under (copied or
+        moved from another output) is refused: its content is not the output of this key."""
         uri = self.uri(key)
         with self._guard("read", uri):
-            return poisons.read_poison_set(uri, train, self.storage_options)
+            poison_set = poisons.read_poison_set(uri, train, threat, self.storage_options)
+        recorded = poison_set.provenance.get("store_key")
+        if recorded != key:
+            raise AuditError(f"{uri}: stored under {key!r} but written as the output of {recorded!r}; "
+                             "its content is not this key's")
+        return poison_set
 
     content_key = staticmethod(content_key)
 
@@ -213,6 +249,18 @@ class Store:
         except PermissionError:
             raise StorageError(f"s3 store {self.root!r}: access to bucket {bucket!r} denied") from None
         self._bucket_checked = True
+
+
+def check_local_folder(path: str | Path, what: str) -> None:
+    """InputError naming `what` unless `path` is a writable folder or could be created as one (its
+    nearest existing ancestor is a writable folder). Checks only: creates nothing."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {str(existing)!r}"
+        raise InputError(f"{what}: {str(path)!r} {where}; it must be a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: {str(existing)!r} is not writable by this user")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

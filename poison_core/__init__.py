@@ -4,4 +4,4 @@ Importing this package has no side effects: no device is chosen, no seed is set,
 prefect, ray, mlflow, boto3 or s3fs is imported (orchestration wraps the core from outside).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

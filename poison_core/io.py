@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from poison_core.errors import DatasetError
+from poison_core.limits import check_bytes
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
@@ -64,7 +65,11 @@ def table_to_bytes(table: pa.Table) -> bytes:
 
 
 def bytes_to_table(data: bytes, what: str) -> pa.Table:
+    """The table in Parquet `data`; its footer's uncompressed size is bounded before any page is read."""
     try:
+        meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+        claimed = sum(max(meta.row_group(i).total_byte_size, 0) for i in range(meta.num_row_groups))
+        check_bytes(claimed, what)
         return pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(f"{what} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None

@@ -5,6 +5,11 @@ victim trains on), one row per poisoned training sample, with targets, trigger a
 the schema metadata. Every write and every read runs :func:`audit` against the clean training
 set: L-inf perturbation <= epsilon on the uint8 grid, count <= floor(budget * n), labels unchanged
 for clean-label attacks, ids present and unique, labels in range. A violation raises AuditError.
+
+A reader audits against the threat model *it* expects (the config's, for the attack that produced the
+file), never the one the file records about itself: metadata edited to epsilon 255 / budget 1 / not
+clean-label is a mismatch with the expected threat model, and a file that claims another clean dataset
+(its recorded checksum) is refused before its pixels are compared.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import numpy as np
 import pyarrow as pa
 
 from poison_core import __version__
-from poison_core.config import ThreatModel
+from poison_core.config import BenchmarkConfig, ThreatModel
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import AuditError, DatasetError
+from poison_core.limits import check_image_shape
 from poison_core.io import (atomic_write_bytes, bytes_to_table, column_to_images, images_to_column,
                             read_bytes, table_to_bytes)
 
@@ -68,14 +74,23 @@ class PoisonSet:
         return self.orig_labels != self.poison_labels
 
 
-def audit(poison_set: PoisonSet, train: ImageDataset) -> None:
-    """Raise AuditError unless `poison_set` is a valid poison of `train` under its threat model."""
-    threat, n = poison_set.threat, len(train)
+def audit(poison_set: PoisonSet, train: ImageDataset, threat: ThreatModel | None = None) -> None:
+    """Raise AuditError unless `poison_set` is a valid poison of `train` under `threat`.
+
+    `threat` is the threat model the caller expects (a reader passes the config's); when given, the
+    threat model the PoisonSet records must equal it, the dataset checksum it records must be that of
+    `train`, and every bound is checked against `threat`, not against the file's own metadata. The
+    crafting side, which built the PoisonSet from its threat model, may leave it out.
+    """
+    expected = poison_set.threat if threat is None else threat
+    if threat is not None:
+        _check_claims(poison_set, train, threat)
+    n = len(train)
     if poison_set.n_train != n:
         raise AuditError(f"poison set was crafted for {poison_set.n_train} training samples, dataset has {n}")
-    limit = threat.max_poisons(n)
+    limit = expected.max_poisons(n)
     if len(poison_set) > limit:
-        raise AuditError(f"budget exceeded: {len(poison_set)} poisons > floor({threat.budget} * {n}) = {limit}")
+        raise AuditError(f"budget exceeded: {len(poison_set)} poisons > floor({expected.budget} * {n}) = {limit}")
     if len(np.unique(poison_set.ids)) != len(poison_set.ids):
         raise AuditError("poison ids are not unique")
     try:
@@ -89,12 +104,26 @@ def audit(poison_set: PoisonSet, train: ImageDataset) -> None:
     k = train.num_classes
     if len(poison_set) and (poison_set.poison_labels.min() < 0 or poison_set.poison_labels.max() >= k):
         raise AuditError(f"poison_label outside 0..{k - 1}")
-    if threat.clean_label and np.any(poison_set.flipped):
+    if expected.clean_label and np.any(poison_set.flipped):
         raise AuditError(f"clean-label threat model but {int(poison_set.flipped.sum())} labels were changed")
     if len(poison_set):
         linf = int(np.abs(poison_set.images.astype(np.int16) - train.images[pos].astype(np.int16)).max())
-        if linf > threat.epsilon:
-            raise AuditError(f"perturbation L-inf {linf}/255 exceeds epsilon {threat.epsilon}/255")
+        if linf > expected.epsilon:
+            raise AuditError(f"perturbation L-inf {linf}/255 exceeds epsilon {expected.epsilon}/255")
+
+
+def _check_claims(poison_set: PoisonSet, train: ImageDataset, threat: ThreatModel) -> None:
+    """The file's own claims against the reader's: its threat model and its clean dataset."""
+    recorded, wanted = poison_set.threat.model_dump(), threat.model_dump()
+    differ = [f"{k} {recorded[k]!r} (expected {wanted[k]!r})" for k in wanted if recorded.get(k) != wanted[k]]
+    if differ:
+        raise AuditError(f"recorded threat model differs from the expected one: {', '.join(differ)}")
+    claimed = poison_set.provenance.get("dataset_checksum")
+    if claimed is None:
+        raise AuditError("poison set records no dataset checksum (provenance.dataset_checksum)")
+    if claimed != train.checksum():
+        raise AuditError(f"poison set claims clean dataset {str(claimed)[:16]}..., "
+                         f"not this training set ({train.checksum()[:16]}...)")
 
 
 def apply(poison_set: PoisonSet, train: ImageDataset) -> ImageDataset:
@@ -144,6 +173,7 @@ def from_parquet_bytes(data: bytes, what: str = "poison set") -> PoisonSet:
         meta = {k.decode().removeprefix(_META): json.loads(v) for k, v in raw.items()
                 if k.decode().startswith(_META)}
         shape = tuple(int(s) for s in meta["shape"])
+        check_image_shape(shape, what)
         threat = ThreatModel.model_validate(meta["threat"])
         columns = {name: table.column(name) for name in ("id", "image", "orig_label", "poison_label")}
     except (KeyError, ValueError, TypeError) as exc:
@@ -162,8 +192,35 @@ def write_poison_set(poison_set: PoisonSet, uri: str, train: ImageDataset,
     atomic_write_bytes(uri, to_parquet_bytes(poison_set), storage_options)
 
 
-def read_poison_set(uri: str, train: ImageDataset, storage_options: dict[str, Any] | None = None) -> PoisonSet:
-    """Read and audit against the clean training set it claims to poison."""
+def read_poison_set(uri: str, train: ImageDataset, threat: ThreatModel,
+                    storage_options: dict[str, Any] | None = None) -> PoisonSet:
+    """Read and audit against the clean training set it claims to poison and the threat model the
+    reader expects; an AuditError names the file."""
     poison_set = from_parquet_bytes(read_bytes(uri, storage_options), what=str(uri))
-    audit(poison_set, train)
+    try:
+        audit(poison_set, train, threat)
+    except AuditError as exc:
+        raise AuditError(f"{uri}: {exc}") from None
     return poison_set
+
+
+def audit_file(uri: str, train: ImageDataset, cfg: BenchmarkConfig,
+               storage_options: dict[str, Any] | None = None) -> tuple[PoisonSet, ThreatModel]:
+    """Audit a PoisonSet file against the threat model `cfg` gives the attack that produced it (the
+    attack named in its provenance); returns it with that threat model. With several attacks of that
+    name in `cfg`, the file passes if it is a valid poison under one of their threat models."""
+    poison_set = from_parquet_bytes(read_bytes(uri, storage_options), what=str(uri))
+    name = poison_set.provenance.get("attack")
+    candidates = [a for a in cfg.attacks if a.name == name]
+    if not candidates:
+        known = ", ".join(sorted({a.name for a in cfg.attacks}))
+        raise AuditError(f"{uri}: made by attack {name!r}, which benchmark {cfg.name!r} does not run "
+                         f"(it runs: {known}); there is no threat model to audit it against")
+    failures = []
+    for threat in dict.fromkeys(cfg.threat_for(a) for a in candidates):
+        try:
+            audit(poison_set, train, threat)
+            return poison_set, threat
+        except AuditError as exc:
+            failures.append(str(exc))
+    raise AuditError(f"{uri}: {'; '.join(failures)}")

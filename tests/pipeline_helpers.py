@@ -11,6 +11,7 @@ import torch
 from infra.storage import Store
 from poison_core.data import read_split
 from poison_core.defenses.persist import load_classifier
+from tasks.stages import dataset_prefix, read_poisons
 
 TINY_BENCHMARK = """
 name: tiny-pipeline
@@ -61,8 +62,9 @@ def audit_store(store: Store, cfg) -> dict[str, int]:
         if folder == "datasets":
             split = read_split(uri)  # verifies the content checksum
             train = split if key.endswith("train.parquet") else train
+    prefix = dataset_prefix(cfg.dataset)
     for key in store.list("poisons"):
-        store.read_poison_set(key, train)
+        read_poisons(store, cfg, prefix, key, train)
     for key in store.list("models"):
         load_classifier(store.uri(key), cfg.victim, train.image_shape, train.num_classes, torch.device("cpu"))
     for key in store.list("cells"):

@@ -50,14 +50,30 @@ def _fixtures(tmp: Path) -> dict[str, str]:
         name="digits", n_train=200, n_test=50)).train
     pos = np.arange(2)
     loud = np.clip(train.images[pos].astype(int) + 40, 0, 255).astype(np.uint8)
+    claims = {"attack": "badnets", "dataset_checksum": train.checksum()}
     breaking = PoisonSet(ids=train.ids[pos], images=loud, orig_labels=train.labels[pos],
-                         poison_labels=train.labels[pos], threat=ThreatModel(epsilon=8, budget=0.05), n_train=200)
+                         poison_labels=train.labels[pos], threat=ThreatModel(), n_train=200, provenance=claims)
     (tmp / "eps.parquet").write_bytes(to_parquet_bytes(breaking))
     over = PoisonSet(ids=train.ids[:20], images=train.images[:20], orig_labels=train.labels[:20],
-                     poison_labels=train.labels[:20], threat=ThreatModel(epsilon=8, budget=0.05), n_train=200)
+                     poison_labels=train.labels[:20], threat=ThreatModel(), n_train=200, provenance=claims)
     (tmp / "budget.parquet").write_bytes(to_parquet_bytes(over))
+    loose = ThreatModel(epsilon=255, budget=1.0)  # metadata edited to pass its own audit
+    forged = PoisonSet(ids=train.ids[:20], images=np.clip(train.images[:20].astype(int) + 120, 0, 255).astype(np.uint8),
+                       orig_labels=train.labels[:20], poison_labels=(train.labels[:20] + 1) % 10, threat=loose,
+                       n_train=200, provenance=claims)
+    (tmp / "forged.parquet").write_bytes(to_parquet_bytes(forged))
+    foreign = PoisonSet(ids=train.ids[:1], images=train.images[:1], orig_labels=train.labels[:1],
+                        poison_labels=train.labels[:1], threat=ThreatModel(), n_train=200,
+                        provenance={"attack": "witches_brew", "dataset_checksum": train.checksum()})
+    (tmp / "foreign.parquet").write_bytes(to_parquet_bytes(foreign))
     (tmp / "base.yaml").write_text(BASE)
-    return {"idx": str(idx), "pq": str(pq), "tampered": str(tampered), "imgs": str(folder)}
+    (tmp / "tiny-budget.yaml").write_text(BASE + "threat: {budget: 0.001}\n")
+    one = tmp / "oneclass" / "cat"
+    one.mkdir(parents=True)
+    for i in range(30):
+        Image.fromarray(np.full((8, 8), i * 8, np.uint8)).save(one / f"{i}.png")
+    return {"idx": str(idx), "pq": str(pq), "tampered": str(tampered), "imgs": str(folder),
+            "oneclass": str(tmp / "oneclass")}
 
 
 CASES = [
@@ -102,8 +118,28 @@ CASES = [
     ("missing-config", None, ["run", "{tmp}/absent.yaml"], "does not exist"),
     ("s3-without-credentials", BASE, ["--store", "s3://bucket/prefix"], "needs credentials"),
     ("store-root-traversal", BASE, ["--store", "s3://bucket/../../x"], "store"),
-    ("poisons-break-epsilon", None, ["audit", "{tmp}/eps.parquet", "{tmp}/base.yaml"], "exceeds epsilon 8/255"),
+    ("poisons-break-epsilon", None, ["audit", "{tmp}/eps.parquet", "{tmp}/base.yaml"], "exceeds epsilon 16/255"),
     ("poisons-over-budget", None, ["audit", "{tmp}/budget.parquet", "{tmp}/base.yaml"], "budget exceeded"),
+    ("poisons-forged-metadata", None, ["audit", "{tmp}/forged.parquet", "{tmp}/base.yaml"],
+     "epsilon 255 (expected 16)"),
+    ("poisons-of-another-attack", None, ["audit", "{tmp}/foreign.parquet", "{tmp}/base.yaml"],
+     "does not run"),
+    ("clean-label-label-flip", BASE.replace("badnets", "label_flip") + "threat: {clean_label: true}\n", [],
+     "attacks.label_flip: threat.clean_label"),
+    ("budget-rounds-to-zero", BASE + "threat: {budget: 0.001}\n", [], "threat.budget: 0.001 of"),
+    ("adversarial-class-outside", BASE + "threat: {targets: {adversarial_class: 10}}\n", [],
+     "threat.targets.adversarial_class: 10 is outside 0..9"),
+    ("val-leaves-no-train", BASE.replace("n_train: 200", "n_train: 2, val_fraction: 0.9"), [], "dataset"),
+    ("one-class-dataset", BASE.replace("{name: digits, n_train: 200, n_test: 50}", "{name: imagefolder, path: {oneclass}}")
+     + "threat: {budget: 0.2}\n", [],
+     "num_classes must be at least 2"),
+    ("num-cpus-over-machine", BASE + "execution: {num_cpus: 64}\n", [], "execution.num_cpus: 64 per job"),
+    ("num-gpus-without-gpu", BASE + "execution: {num_gpus: 1}\n", [], "execution.num_gpus: 1 per job"),
+    ("cuda-without-gpu", BASE + "execution: {device: cuda, num_gpus: 0}\n", [], "execution.device"),
+    ("store-is-a-file", BASE, ["--store", "{tmp}/base.yaml"], "--store"),
+    ("store-under-a-file", BASE, ["--store", "{tmp}/base.yaml/store"], "lies under the file"),
+    ("out-is-a-file", None, ["run", "{tmp}/base.yaml", "--out", "{tmp}/base.yaml"], "--out"),
+    ("validate-finds-budget", None, ["validate", "{tmp}/tiny-budget.yaml"], "threat.budget"),
     ("report-missing", None, ["report", "{tmp}/nowhere"], "has no results.json"),
 ]
 

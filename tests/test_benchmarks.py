@@ -52,7 +52,8 @@ def test_throughput_rows_on_digits():
     assert by_attack["label_flip"]["gflop"] == "" and by_attack["label_flip"]["poisons"] > 0
     error_max = by_attack["error_max"]
     assert error_max["gflop"] > 0 and error_max["poisons_per_s"] > 0
-    assert error_max["pct_of_matmul"] == pytest.approx(100 * error_max["gflop_per_s"] / 50.0, rel=0.05)
+    # Both are rounded to 0.1: compare within that rounding, not a relative bound (small rates on a busy machine).
+    assert error_max["pct_of_matmul"] == pytest.approx(100 * error_max["gflop_per_s"] / 50.0, abs=0.2)
 
 
 def test_runner_writes_json_and_markdown(tmp_path):

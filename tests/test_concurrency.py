@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from belladonna.reaper import descendants, kill_recorded
 from infra.storage import Store
 from poison_core.config import load_benchmark
 from tests.pipeline_helpers import QUIET, audit_store
@@ -38,12 +39,18 @@ def test_two_benchmarks_share_a_store(tmp_path):
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "belladonna.cli", "run", str(config), "--out", str(tmp_path / name),
              "--store", str(store)], env={**os.environ, **QUIET}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+            text=True, start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=1500) for p in procs]  # bounded, and generous for a loaded machine
+    finally:
+        for p in procs:  # only what these runs started, by PID (each run's own watcher stops the rest)
+            kill_recorded(descendants(p.pid))
+            if p.poll() is None:
+                p.kill()
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    counts = audit_store(Store(str(store)), load_benchmark(tmp_path / "first.yaml"))
+    both = load_benchmark(tmp_path / "first.yaml").model_copy(update={"seeds": (0, 1, 2)})
+    counts = audit_store(Store(str(store)), both)
     assert counts == {"datasets": 2, "poisons": 6, "models": 9, "cells": 6}
     rows = {}
     for name in ("first", "second"):

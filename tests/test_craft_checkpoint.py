@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from belladonna.reaper import descendants
+
 from poison_core.attacks import CraftContext, LocalActorGroup, make_attack
 from poison_core.checkpoint import Checkpointer, CraftState
 from poison_core.config import DatasetConfig, ExecutionConfig, ModelConfig, TargetSelection, ThreatModel, TrainConfig
@@ -93,8 +95,8 @@ def test_lost_metapoison_worker_rebuilds_the_ensemble_from_the_checkpoint(surrog
 
         def call(self, method, args_per_worker):
             DiesOnce.calls += 1
-            if DiesOnce.calls == 9:  # step 3's advance, after the step-2 checkpoint
-                raise WorkerLost("a worker of 2 died during adversarial_grad")
+            if DiesOnce.calls == 5:  # step 3's craft_step, after the step-2 checkpoint
+                raise WorkerLost("a worker of 2 died during craft_step")
             return super().call(method, args_per_worker)
 
     def factory(cls, init_args):
@@ -117,15 +119,15 @@ def _always_dies(cls, init_args):
 
 
 def _ray_task_pids() -> list[int]:
-    """PIDs of Ray worker processes now running a task of ours (Ray titles them ray::_in_worker)."""
+    """PIDs of the worker processes of the Ray instance this test started (descendants of this
+    process, never another user's Ray) that now run a task of ours (Ray titles them ray::_in_worker)."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if (proc / "cmdline").read_bytes().startswith(b"ray::_in_worker"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
+    for pid in descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_in_worker"):
+                pids.append(pid)
+        except OSError:
+            continue
     return pids
 
 

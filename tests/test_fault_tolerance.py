@@ -15,6 +15,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from belladonna.reaper import descendants, kill_recorded
 from infra.storage import Store
 from poison_core.config import load_benchmark
 from tests.pipeline_helpers import QUIET, audit_store
@@ -50,11 +51,22 @@ def _wait_until(predicate, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out waiting for the run to reach the fault point")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen) -> dict[int, int]:
+    """SIGKILL a run we started (its process group) and return the descendants it had (PID, start time)."""
+    recorded = descendants(proc.pid)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    return recorded
+
+
+def _stop(proc: subprocess.Popen, recorded: dict[int, int] | None = None) -> None:
+    """Stop what is left of a run we started, by PID: never another user's Ray (no `ray stop`)."""
+    recorded = {**(recorded or {}), **_kill(proc)}
+    deadline = time.monotonic() + 30  # the run's own watcher stops them first (belladonna.reaper)
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in recorded):
+        time.sleep(0.2)
+    kill_recorded(recorded)
 
 
 @pytest.mark.slow
@@ -63,19 +75,21 @@ def test_sigkill_mid_benchmark_then_rerun_recomputes_only_the_missing(tmp_path):
     config.write_text(LONGER)
     out, store = tmp_path / "out", Store(str(tmp_path / "out" / "store"))
     proc = _start(["run", str(config), "--out", str(out)], {}, tmp_path / "first.log")
+    recorded: dict[int, int] = {}
     try:
-        _wait_until(lambda: 2 <= len(store.list("models")) < 9, 240, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        _wait_until(lambda: 2 <= len(store.list("models")) < 9, 900, proc)
+        recorded = _kill(proc)
     finally:
-        _stop(proc)
+        _stop(proc, recorded)
     assert proc.returncode == -signal.SIGKILL
     before = audit_store(store, load_benchmark(config))
     assert 2 <= before["models"] < TOTAL["retrain"]
-    rerun = subprocess.run([sys.executable, "-m", "belladonna.cli", "run", str(config), "--out", str(out)],
-                           env={**os.environ, **QUIET}, capture_output=True, text=True, timeout=600)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun = _start(["run", str(config), "--out", str(out)], {}, tmp_path / "rerun.log")
+    try:
+        rerun.wait(timeout=1500)
+    finally:
+        _stop(rerun)
+    assert rerun.returncode == 0, (tmp_path / "rerun.log").read_text()[-2000:]
     computed = json.loads((out / "fault" / "results.json").read_text())["computed"]
     assert computed["retrain"] == TOTAL["retrain"] - before["models"]
     assert computed["craft"] == TOTAL["craft"] - before["poisons"]
@@ -99,18 +113,22 @@ def test_s3_server_stopped_mid_run_fails_cleanly_then_rerun_completes(tmp_path):
     restarted = None
     try:
         _wait_until(lambda: s3.list_objects_v2(Bucket=bucket, Prefix="store/datasets/").get("KeyCount", 0) >= 2,
-                    240, proc)
+                    900, proc)
         moto.stop()
-        code = proc.wait(timeout=300)
+        code = proc.wait(timeout=600)
         log = (tmp_path / "first.log").read_text()
         assert code == 1, log[-3000:]
-        last = [line for line in log.splitlines() if line.strip()][-1]
-        assert last.startswith("failed: StorageError:") and bucket in last, last
+        lines = [line for line in log.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in log, log[-3000:]  # the traceback went to the log file
+        assert lines[0].startswith("failed: StorageError:") and bucket in lines[0], lines[0]
+        named = Path(lines[0].rsplit("(traceback: ", 1)[1].rstrip(")"))
+        assert "Traceback" in named.read_text() and "StorageError" in named.read_text()
         restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         restarted.start()  # moto keeps its objects in this process, so the stored datasets are still there
-        rerun = subprocess.run([sys.executable, "-m", "belladonna.cli", *args], env={**os.environ, **QUIET, **env},
-                               capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        rerun = _start(args, env, tmp_path / "rerun.log")
+        rerun.wait(timeout=1500)
+        _stop(rerun)
+        assert rerun.returncode == 0, (tmp_path / "rerun.log").read_text()[-3000:]
         computed = json.loads((tmp_path / "out" / "fault" / "results.json").read_text())["computed"]
         assert computed["ingest"] == 0 and computed["evaluate"] == TOTAL["evaluate"]
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def small_poison_set() -> PoisonSet:
     return PoisonSet(ids=TRAIN.ids[pos], images=images, orig_labels=labels,
                      poison_labels=(labels + 1) % TRAIN.num_classes,
                      threat=ThreatModel(epsilon=8, budget=0.1), n_train=len(TRAIN),
-                     targets={"ids": [7]}, provenance={"attack": "test"})
+                     targets={"ids": [7]}, provenance={"attack": "test", "dataset_checksum": TRAIN.checksum()})
 
 
 def free_port() -> int:
@@ -136,9 +137,10 @@ def test_poison_set_round_trips_through_s3_byte_identically(s3_store):
     poison_set = small_poison_set()
     key = s3_store.content_key("poisons", payload={"attack": "test", "seed": 0}, suffix=".parquet")
     s3_store.write_poison_set(key, poison_set, TRAIN)
-    assert s3_store.read_bytes(key) == to_parquet_bytes(poison_set)
-    back = s3_store.read_poison_set(key, TRAIN)
-    assert to_parquet_bytes(back) == to_parquet_bytes(poison_set)
+    keyed = replace(poison_set, provenance={**poison_set.provenance, "store_key": key})
+    assert s3_store.read_bytes(key) == to_parquet_bytes(keyed)
+    back = s3_store.read_poison_set(key, TRAIN, poison_set.threat)
+    assert to_parquet_bytes(back) == to_parquet_bytes(keyed)
     np.testing.assert_array_equal(back.images, poison_set.images)
     assert back.targets == {"ids": [7]} and back.provenance["attack"] == "test"
     assert s3_store.list("poisons") == [key]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +15,7 @@ from poison_core.config import ThreatModel
 from poison_core.errors import AuditError, DatasetError
 from poison_core.poisons import (PoisonSet, apply, audit, from_parquet_bytes, poison_mask, read_poison_set,
                                  to_parquet_bytes, write_poison_set)
+from poison_core.io import table_to_bytes
 from tests.helpers import tiny_dataset
 
 TRAIN = tiny_dataset(n=64)
@@ -22,7 +27,8 @@ def make_set(positions, delta=0, eps=8, budget=0.25, clean=False, flip=False) ->
     labels = TRAIN.labels[pos]
     new = (labels + 1) % TRAIN.num_classes if flip else labels
     return PoisonSet(ids=TRAIN.ids[pos], images=images, orig_labels=labels, poison_labels=new,
-                     threat=ThreatModel(epsilon=eps, budget=budget, clean_label=clean), n_train=len(TRAIN))
+                     threat=ThreatModel(epsilon=eps, budget=budget, clean_label=clean), n_train=len(TRAIN),
+                     provenance={"attack": "x", "dataset_checksum": TRAIN.checksum()})
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,10 +113,10 @@ def test_parquet_round_trip_is_exact_and_deterministic(tmp_path):
     ps = make_set([9, 2, 30], delta=-3, flip=True)
     ps = PoisonSet(ids=ps.ids, images=ps.images, orig_labels=ps.orig_labels, poison_labels=ps.poison_labels,
                    threat=ps.threat, n_train=ps.n_train, targets={"kind": "availability"},
-                   trigger={"kind": "patch", "size": 2}, provenance={"attack": "x", "seed": 3})
+                   trigger={"kind": "patch", "size": 2}, provenance={**ps.provenance, "seed": 3})
     uri = str(tmp_path / "p.parquet")
     write_poison_set(ps, uri, TRAIN)
-    back = read_poison_set(uri, TRAIN)
+    back = read_poison_set(uri, TRAIN, ps.threat)
     order = np.argsort(ps.ids)
     assert np.array_equal(back.ids, ps.ids[order]) and np.array_equal(back.images, ps.images[order])
     assert np.array_equal(back.poison_labels, ps.poison_labels[order]) and back.threat == ps.threat
@@ -131,12 +137,56 @@ def test_read_audits_against_dataset_and_rejects_corrupt_bytes(tmp_path):
     uri = str(tmp_path / "p.parquet")
     write_poison_set(ps, uri, TRAIN)
     other = TRAIN.replace(images=np.clip(TRAIN.images.astype(int) + 60, 0, 255).astype(np.uint8))
-    with pytest.raises(AuditError, match="exceeds epsilon"):
-        read_poison_set(uri, other)
+    with pytest.raises(AuditError, match="claims clean dataset"):
+        read_poison_set(uri, other, ps.threat)
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DatasetError, match="not a readable Parquet file"):
-        read_poison_set(str(tmp_path / "junk.parquet"), TRAIN)
+        read_poison_set(str(tmp_path / "junk.parquet"), TRAIN, ps.threat)
     with pytest.raises(DatasetError, match="does not exist"):
-        read_poison_set(str(tmp_path / "missing.parquet"), TRAIN)
+        read_poison_set(str(tmp_path / "missing.parquet"), TRAIN, ps.threat)
     with pytest.raises(DatasetError):
         from_parquet_bytes(b"")
+
+
+def tampered(ps: PoisonSet, **meta) -> bytes:
+    """`ps`'s Parquet bytes with schema metadata entries replaced, as an editor of the file would."""
+    table = pq.read_table(pa.BufferReader(to_parquet_bytes(ps)))
+    raw = dict(table.schema.metadata)
+    for name, value in meta.items():
+        raw[f"belladonna.{name}".encode()] = json.dumps(value).encode()
+    return table_to_bytes(table.replace_schema_metadata(raw))
+
+
+def test_reader_audits_against_its_own_threat_model_not_the_files_metadata(tmp_path):
+    """Metadata edited to epsilon 255 / budget 1 / dirty-label, with pixels moved by 120 and labels
+    flipped, is refused against the threat model the reader expects (issue 20, item 1)."""
+    expected = ThreatModel(epsilon=8, budget=0.05, clean_label=True)
+    pos = np.arange(20)
+    images = np.clip(TRAIN.images[pos].astype(int) + 120, 0, 255).astype(np.uint8)
+    labels = TRAIN.labels[pos]
+    loose = ThreatModel(epsilon=255, budget=1.0, clean_label=False)
+    forged = PoisonSet(ids=TRAIN.ids[pos], images=images, orig_labels=labels,
+                       poison_labels=(labels + 1) % TRAIN.num_classes, threat=loose, n_train=len(TRAIN),
+                       provenance={"attack": "x", "dataset_checksum": TRAIN.checksum()})
+    audit(forged, TRAIN)  # valid against its own (edited) metadata: that was the hole
+    uri = tmp_path / "forged.parquet"
+    uri.write_bytes(to_parquet_bytes(forged))
+    with pytest.raises(AuditError, match=r"forged.parquet: recorded threat model differs.*epsilon 255 \(expected 8\)"):
+        read_poison_set(str(uri), TRAIN, expected)
+    # Even with the threat metadata put back, the data is checked against the expected bounds.
+    honest_meta = PoisonSet(ids=forged.ids, images=forged.images, orig_labels=forged.orig_labels,
+                            poison_labels=forged.poison_labels, threat=expected, n_train=len(TRAIN),
+                            provenance=forged.provenance)
+    with pytest.raises(AuditError, match="budget exceeded"):
+        audit(honest_meta, TRAIN, expected)
+
+
+def test_reader_refuses_a_file_claiming_another_dataset_or_none(tmp_path):
+    ps = make_set([1, 2], delta=3, eps=8)
+    uri = tmp_path / "p.parquet"
+    uri.write_bytes(tampered(ps, provenance={"attack": "x", "dataset_checksum": "0" * 64}))
+    with pytest.raises(AuditError, match="claims clean dataset 0000"):
+        read_poison_set(str(uri), TRAIN, ps.threat)
+    uri.write_bytes(tampered(ps, provenance={"attack": "x"}))
+    with pytest.raises(AuditError, match="records no dataset checksum"):
+        read_poison_set(str(uri), TRAIN, ps.threat)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from poison_core.errors import DatasetError
+from poison_core.limits import gunzip, product
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,7 @@ def _raw_bytes(path: Path) -> bytes:
         raise DatasetError(f"IDX file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if not data.startswith(_GZIP_MAGIC):
         return data
-    try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise DatasetError(f"IDX file {str(path)!r} is a truncated or corrupt gzip stream: {exc}") from None
+    return gunzip(data, f"IDX file {str(path)!r}")
 
 
 def _parse(data: bytes, path: Path) -> np.ndarray:
@@ -57,7 +54,7 @@ def _parse(data: bytes, path: Path) -> np.ndarray:
     if len(data) < header:
         raise DatasetError(f"IDX file {name!r} is truncated inside its header ({len(data)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = product(dims)
     payload = len(data) - header
     if payload != expected:
         problem = "truncated" if payload < expected else "longer than its header says"

@@ -21,6 +21,7 @@ from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.loaders import split_single_source
 from poison_core.data.splits import finish_splits
 from poison_core.errors import DatasetError
+from poison_core.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
@@ -42,9 +43,13 @@ def read_image(path: Path) -> np.ndarray:
     """(H, W, C) uint8: 1 channel for grayscale 'L' images, else RGB."""
     try:
         with Image.open(path) as img:
+            width, height = img.size  # from the header: checked before the pixels are decoded
+            if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+                raise DatasetError(f"image {str(path)!r} is {width}x{height}, larger than the limit of "
+                                   f"{MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} per side")
             img = img if img.mode in ("L", "RGB") else img.convert("RGB")
             array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"image {str(path)!r} cannot be read: {exc}") from None
     return array[..., None] if array.ndim == 2 else array
 

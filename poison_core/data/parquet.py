@@ -20,6 +20,7 @@ from poison_core.data.dataset import ImageDataset
 from poison_core.errors import DatasetError
 from poison_core.io import (atomic_write_bytes, bytes_to_table, column_to_images, images_to_column, read_bytes,
                             table_to_bytes)
+from poison_core.limits import check_image_shape
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def _metadata(table: pa.Table, what: str) -> dict[str, Any]:
     shape = meta[META_SHAPE]
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise DatasetError(f"{what}: schema metadata {META_SHAPE!r} must be [H, W, C] positive integers, got {shape!r}")
+    check_image_shape(shape, what)
     if not (isinstance(meta[META_CLASSES], list) and all(isinstance(c, str) for c in meta[META_CLASSES])):
         raise DatasetError(f"{what}: schema metadata {META_CLASSES!r} must be a list of strings")
     return meta

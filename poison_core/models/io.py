@@ -66,6 +66,15 @@ def load_state(model: nn.Module, uri_or_path: str | Path,
     return metadata
 
 
+def check_safetensors(data: bytes, where: str) -> None:
+    """InputError naming `where` unless `data` parses as a whole safetensors file."""
+    try:
+        safetensors_load(data)
+        read_metadata(data)
+    except (SafetensorError, ValueError) as exc:
+        raise InputError(f"model file {where!r} is not a readable safetensors file: {exc}") from None
+
+
 def read_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes (8-byte little-endian header length, JSON header)."""
     if len(data) < 8:

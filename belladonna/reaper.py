@@ -1,0 +1,104 @@
+"""No process outlives the command that started it: a watcher that stops a command's leftovers.
+
+``belladonna run`` starts a Prefect server, a local Ray instance and Ray's agents and workers. A
+normal exit stops them (Prefect's and Ray's own shutdown), but a driver that is SIGKILLed, or a Ray
+agent that ignores its parent's end, would stay behind. :func:`start` launches this module as a
+small process in a session of its own (so a terminal's Ctrl-C does not reach it), connected to the
+command by a pipe. While the command lives, the watcher records the command's descendants (PID
+and start time, read from /proc) twice a second; when the pipe closes (the command ended, however)
+it waits a grace period for them to exit by themselves, then SIGKILLs those still running whose
+start time still matches — only processes the command started, never one found by name.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 0.5
+GRACE_S = 3.0
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of `pid`, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[19])
+
+
+def start_time(pid: int) -> int | None:
+    """The start time (clock ticks after boot) of `pid`, None if it is gone: with the PID, it names
+    one process even after the PID is reused."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every live descendant of `root` as {pid: start time}."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None:
+                children.setdefault(stat[0], []).append(int(entry.name))
+                starts[int(entry.name)] = stat[1]
+    found, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and child in starts:
+                found[child] = starts[child]
+                todo.append(child)
+    return found
+
+
+def kill_recorded(recorded: dict[int, int]) -> list[int]:
+    """SIGKILL each recorded process whose start time still matches (not a reused PID); returns them."""
+    killed = []
+    for pid, start in recorded.items():
+        stat = _stat(pid)
+        if stat is not None and stat[1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                continue
+    return killed
+
+
+def watch(parent: int) -> None:
+    """Record `parent`'s descendants until standard input closes, then stop the ones still running."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    me = os.getpid()
+    recorded: dict[int, int] = {}
+    while True:
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], POLL_S)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break
+        recorded.update({pid: start for pid, start in descendants(parent).items() if pid != me})
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline and any(start_time(p) == s for p, s in recorded.items()):
+        time.sleep(0.1)
+    kill_recorded(recorded)
+
+
+def start() -> subprocess.Popen | None:
+    """Start the watcher for this process (Linux /proc only; elsewhere nothing is started). The pipe
+    stays open for this process's life: the operating system closes it when the process ends."""
+    if not Path(f"/proc/{os.getpid()}/stat").exists():
+        return None
+    return subprocess.Popen([sys.executable, "-m", "belladonna.reaper", str(os.getpid())], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            close_fds=True)
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))

@@ -1,0 +1,27 @@
+"""The one check a benchmark passes before anything starts: its config, its dataset and its paths.
+
+The CLI runs it before it starts Prefect or Ray; the benchmark flow runs it again as its first step,
+so a deployment run with a bad parameter fails in seconds, with one line, before it starts Ray, opens
+MLflow or writes to the store. Everything here only reads: nothing is created or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.storage import Store, check_local_folder
+from poison_core.config import BenchmarkConfig
+from poison_core.data import DatasetSplits, load_dataset
+from poison_core.preflight import check_benchmark
+
+
+def preflight(cfg: BenchmarkConfig, store: Store | None = None, run_dir: str | Path | None = None) -> DatasetSplits:
+    """Raise one InputError line unless `cfg` can run on its dataset into `store` and `run_dir`;
+    returns the dataset's splits (read once here, so a missing or corrupt file is reported now)."""
+    if run_dir is not None:
+        check_local_folder(run_dir, "--out")
+    if store is not None:
+        store.check_writable()
+    splits = load_dataset(cfg.dataset)
+    check_benchmark(cfg, splits)
+    return splits
