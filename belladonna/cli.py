@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,87 +26,105 @@ log = logging.getLogger("belladonna")
 QUICKSTART = "quickstart"
 
 
-def _preset_text(name: str) -> str:
-    return resources.files("poison_core.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+def _source(config: Optional[Path]) -> str | Path:
+    """What a config argument names: a YAML file, or a shipped preset's YAML text (``nightly``; the
+    quick-start when none is given), through the one lookup the flows use (poison_core.presets)."""
+    from poison_core import presets
+
+    return presets.preset_text(QUICKSTART) if config is None else presets.resolve(str(config))
 
 
-def _load(config: Optional[Path], preflight: bool = False):
-    """Validate the config; with `preflight`, also read the dataset once, so a missing or corrupt
-    file is reported (exit 2) before any stage starts or anything is written."""
+def _text(config: Optional[Path]) -> str:
+    """The config's YAML text, which travels to the flow."""
+    source = str(_source(config))
+    return Path(source).read_text(encoding="utf-8") if config is not None and source == str(config) else source
+
+
+def _load(config: Optional[Path]):
+    """Validate the config (a YAML file or a preset's name; the quick-start when none is given)."""
     from poison_core.config import load_benchmark
 
-    cfg = load_benchmark(config if config is not None else _preset_text(QUICKSTART))
-    if preflight:
-        from poison_core.attacks import make_attack
-        from poison_core.data import load_dataset
+    return load_benchmark(_source(config))
 
-        train = load_dataset(cfg.dataset).train
-        for attack in cfg.attacks:
-            try:
-                make_attack(attack.name, attack.params).check_dataset(train)
-            except InputError as exc:
-                raise type(exc)(f"attacks.{attack.key}.{exc}") from None
-    return cfg
+
+def _supervise(logs: Path, name: str) -> None:
+    """Around a flow: every log record to a file under `logs`, Ctrl-C stops within seconds (exit 130),
+    and nothing this command starts outlives it (belladonna.session)."""
+    import prefect  # noqa: F401  (Prefect configures logging on import; the log file goes on top of it)
+
+    from belladonna import session
+
+    session.log_to_file(logs, name)
+    session.start_watcher()
+    session.on_interrupt(lambda line: err_console.print(line, markup=False, soft_wrap=True))
 
 
 def _quiet_services() -> None:
     """Local defaults for the services the flow starts (a user's explicit setting wins)."""
     for name, value in {"RAY_AUTH_MODE": "disabled", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
-                        "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_LOGGING_LEVEL": "WARNING"}.items():
+                        "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_LOGGING_LEVEL": "WARNING",
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
         os.environ.setdefault(name, value)
 
 
 @app.command()
-def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML; default: the digits quick-start."),
+def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or preset name (quickstart, nightly); "
+                                             "default: the digits quick-start."),
         out: Path = typer.Option(Path("runs"), help="Run folder: MLflow store, results.json, default store."),
         store: Optional[str] = typer.Option(None, help="Store root (path or s3://bucket/prefix); "
                                             "default: $BELLADONNA_STORE or OUT/store.")) -> None:
     """Run a benchmark grid (every attack x defense x seed) as a Prefect flow on Ray."""
     from infra.storage import Store
 
-    cfg = _load(config, preflight=True)
-    root = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store")).root
+    from tasks.preflight import preflight
+
+    cfg = _load(config)
+    target = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store"))
+    preflight(cfg, target, out)
+    root = target.root
     _quiet_services()
+    _supervise(out / "logs", cfg.name)
     from infra.services import start_services
 
     services = start_services(cfg.execution)
     from flows.benchmark import benchmark
 
     services.wait()
-    yaml_text = config.read_text(encoding="utf-8") if config is not None else _preset_text(QUICKSTART)
+    yaml_text = _text(config)
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
-        start = time.perf_counter()
-        result = benchmark(config=yaml_text, store=root, run_dir=str(out.resolve()))
-    from poison_core.io import atomic_write_bytes
-
-    result["seconds"] = time.perf_counter() - start
-    atomic_write_bytes(str(out / cfg.name / "results.json"), json.dumps(result, indent=2, default=list).encode())
+        result = benchmark(config=yaml_text, store=root, run_dir=str(out.resolve()))  # writes results.json
     console.print(_table(result["summary"], title=f"{cfg.name}: mean over {len(cfg.seeds)} seed(s)"))
     counts = ", ".join(f"{k} {v}" for k, v in result["computed"].items())
-    console.print(f"computed (not reused): {counts}; {result['seconds']:.1f}s; store {root}; "
-                  f"MLflow: mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}")
+    from infra.mlflow_runs import ui_message
+
+    console.print(f"computed (not reused): {counts}; {result['seconds']:.1f}s; store {root}", highlight=False)
+    console.print(ui_message(cfg.name, out.resolve()), markup=False, highlight=False, soft_wrap=True)
 
 
-COLUMNS = {"attack": "attack", "defense": "defense", "n_seeds": "seeds", "clean_acc": "acc",
-           "baseline_clean_acc": "acc (no poison)", "acc_drop": "acc drop", "asr": "ASR",
-           "baseline_asr": "ASR (no poison)", "pair_flip_rate": "pair flip", "target_success": "target success"}
+COLUMNS = ("attack", "defense", "n_seeds", "clean_acc", "baseline_clean_acc", "acc_drop", "asr", "baseline_asr",
+           "pair_flip_rate", "target_success")
 
 
 def _table(summary: list[dict[str, Any]], title: str) -> Table:
+    """The results with plain column titles; each cell reads ``0.871 [0.842, 0.897] (n=3)``: the mean
+    over seeds, its 95 % interval and the n it is over (poison_core.metrics.format_value)."""
+    from poison_core.metrics import SUMMARY_COLUMNS
+
     present = [c for c in COLUMNS if any(c in row for row in summary)]
-    table = Table(title=title)
+    table = Table(title=title, caption="mean [95 % interval] (n: seeds; poison keys for targets hit)")
     for c in present:
-        table.add_column(COLUMNS[c], justify="left" if c in ("attack", "defense") else "right", no_wrap=True)
+        table.add_column(SUMMARY_COLUMNS.get(c, c), justify="left" if c in ("attack", "defense") else "right",
+                         no_wrap=c in ("attack", "defense"))
     for row in summary:
-        table.add_row(*[_fmt(row.get(c)) for c in present])
+        table.add_row(*[_fmt(row, c) for c in present])
     return table
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def _fmt(row: dict[str, Any], column: str) -> str:
+    from poison_core.metrics import format_value
+
+    return format_value(row, column)
 
 
 def _listing(kind: str) -> None:
@@ -132,14 +148,18 @@ app.add_typer(stage_app, name="stage")
 
 def _stage(name: str, config: Path, store: Optional[str]) -> None:
     from infra.storage import Store
+    from tasks.preflight import preflight
 
-    _load(config, preflight=True)
-    root = Store(store).root
+    target = Store(store)
+    cfg = _load(config)
+    preflight(cfg, target)
+    root = target.root
     _quiet_services()
+    _supervise(Path("runs") / "logs", f"{cfg.name}-{name}")
     from flows import benchmark as flows
 
     flow = {"ingest": flows.ingest_flow, "craft": flows.craft_flow, "retrain": flows.retrain_flow}[name]
-    out = flow(config=config.read_text(encoding="utf-8"), store=root)
+    out = flow(config=_text(config), store=root)
     items = out.items() if isinstance(out, dict) else [("dataset", out)]
     for what, key in items:
         console.print(f"{what}\t{root}/{key}", markup=False, highlight=False)
@@ -185,18 +205,19 @@ def report(run_folder: Path = typer.Argument(..., help="A run folder (OUT/NAME) 
 @app.command()
 def audit(poisons: Path = typer.Argument(..., help="A PoisonSet Parquet file (local path or fsspec URI)."),
           config: Path = typer.Argument(..., help="The benchmark YAML whose dataset the poisons claim.")) -> None:
-    """Audit a PoisonSet against its clean training set: epsilon, budget, labels, ids."""
+    """Audit a PoisonSet against the config's threat model for its attack and its clean training set."""
     import numpy as np
 
     from poison_core.data import load_dataset
-    from poison_core.poisons import read_poison_set
+    from poison_core.poisons import audit_file
 
-    train = load_dataset(_load(config).dataset).train
-    ps = read_poison_set(str(poisons), train)
+    cfg = _load(config)
+    train = load_dataset(cfg.dataset).train
+    ps, threat = audit_file(str(poisons), train, cfg)
     clean = train.images[train.positions(ps.ids)].astype(np.int16)
     linf = int(np.abs(ps.images.astype(np.int16) - clean).max()) if len(ps) else 0
-    console.print(f"ok: {len(ps)} poisons of {len(train)} (budget {ps.threat.budget}), L-inf {linf}/255 "
-                  f"<= {ps.threat.epsilon}/255, {int(ps.flipped.sum())} labels changed", highlight=False)
+    console.print(f"ok: {len(ps)} poisons of {len(train)} (budget {threat.budget}), L-inf {linf}/255 "
+                  f"<= {threat.epsilon}/255, {int(ps.flipped.sum())} labels changed", highlight=False)
 
 
 @app.command()
@@ -225,8 +246,11 @@ def datasets() -> None:
 
 @app.command()
 def validate(config: Path) -> None:
-    """Validate a benchmark YAML without running it."""
+    """Validate a benchmark YAML and its dataset without running it (the checks `run` makes first)."""
+    from tasks.preflight import preflight
+
     cfg = _load(config)
+    preflight(cfg)
     console.print(f"{config}: valid benchmark {cfg.name!r} with "
                   f"{len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells")
 
@@ -242,12 +266,16 @@ def main() -> None:
     except typer.Abort:
         sys.exit(130)
     except Exception as raised:  # noqa: BLE001 - the last line of defense prints one line
+        from belladonna.session import log_file
+
         exc = _root_cause(raised)
+        if log_file() is not None:  # the traceback goes to the log file only
+            log.error("failed", exc_info=raised)
+        where = f" (traceback: {log_file()})" if log_file() else ""
         if isinstance(exc, (InputError, AuditError)):
             err_console.print(f"error: {_one_line(exc)}", markup=False, soft_wrap=True)
             sys.exit(2)
-        log.debug("failure", exc_info=raised)
-        err_console.print(f"failed: {type(exc).__name__}: {_one_line(exc)}", markup=False, soft_wrap=True)
+        err_console.print(f"failed: {type(exc).__name__}: {_one_line(exc)}{where}", markup=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -12,18 +12,23 @@ Every stage output is keyed by what determines it, so a rerun reuses whatever is
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow
 
 from infra.ray_runner import ensure_ray
 from infra.services import warm_tracking
+from infra.settings import Settings
 from infra.storage import Store
+from poison_core import presets
 from poison_core.config import BenchmarkConfig, load_benchmark
 from tasks import prefect_tasks as t
+from tasks.preflight import preflight
 from tasks.report import summarize
 from tasks.stages import StageOutput, read_cell
 
@@ -31,15 +36,27 @@ log = logging.getLogger(__name__)
 
 
 def _config(config: str | BenchmarkConfig) -> BenchmarkConfig:
-    return config if isinstance(config, BenchmarkConfig) else load_benchmark(config)
+    """A config object, a YAML path, YAML text, or a shipped preset's name (poison_core.presets)."""
+    return config if isinstance(config, BenchmarkConfig) else load_benchmark(presets.resolve(config))
+
+
+def _checked(config: str | BenchmarkConfig, store: str | None,
+             run_dir: str | None = None) -> tuple[BenchmarkConfig, str]:
+    """The config and the store root, after the preflight check (nothing started or written yet)."""
+    cfg, target = _config(config), Store(store)
+    preflight(cfg, target, run_dir)
+    return cfg, target.root
 
 
 @flow(name="benchmark")
-def benchmark(config: str, store: str | None = None, run_dir: str = "runs",
+def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
               tracking_uri: str | None = None) -> dict[str, Any]:
-    """Run every cell of the benchmark YAML at `config` (a path, or YAML text)."""
-    cfg = _config(config)
-    root = Store(store).root
+    """Run every cell of the benchmark `config` (a YAML path, YAML text, or a preset's name such as
+    ``nightly``); writes ``run_dir/<name>/results.json`` (what `belladonna report` reads) at the end.
+    `run_dir` defaults to ``$BELLADONNA_RUN_DIR`` (else ``./runs``), so a deployment's worker picks it."""
+    started = time.time()
+    run_dir = run_dir or Settings.from_env().run_dir
+    cfg, root = _checked(config, store, run_dir)
     clock = _Clock()
     with clock("ray"):
         ensure_ray(cfg.execution)
@@ -59,14 +76,35 @@ def benchmark(config: str, store: str | None = None, run_dir: str = "runs",
         rows = [read_cell(Store(root), c.key) for c in cells.values()]
         with clock("summarize"):
             tracking.join()
-            summary = summarize(root, cfg, dataset.key, rows, {k: v.key for k, v in poisons.items()}, computed,
-                                tracking_uri, run_dir)
+            recorded = summarize(root, cfg, dataset.key, rows, {k: v.key for k, v in poisons.items()}, computed,
+                                tracking_uri, run_dir, outputs={"craft": poisons, "retrain": models,
+                                                                "evaluate": cells}, stage_seconds=clock.seconds)
     compute = {"ingest": dataset.seconds, "pretrain": _seconds(surrogates), "craft": _seconds(poisons),
                "retrain": _seconds(models), "evaluate": _seconds(cells)}
-    return {"rows": rows, "summary": summary, "computed": computed, "stage_seconds": clock.seconds,
-            "compute_seconds": {k: round(v, 3) for k, v in compute.items()},
-            "poisons": {f"{a}/seed{s}": p.key for (a, s), p in poisons.items()},
-            "nodes": sorted({o.node for o in [*models.values(), *cells.values()] if o.node})}
+    result = {"rows": rows, "summary": recorded["summary"], "mlflow": recorded["mlflow"], "computed": computed,
+              "stage_seconds": clock.seconds,
+              "compute_seconds": {k: round(v, 3) for k, v in compute.items()},
+              "poisons": {f"{a}/seed{s}": p.key for (a, s), p in poisons.items()},
+              "nodes": sorted({o.node for o in [*models.values(), *cells.values()] if o.node})}
+    return _write_results(result, cfg, root, run_dir, started)
+
+
+def _write_results(result: dict[str, Any], cfg: BenchmarkConfig, root: str, run_dir: str,
+                   started: float) -> dict[str, Any]:
+    """Complete the run's record (wall seconds, code version, MLflow parent run, Prefect flow run) and
+    write it atomically to ``run_dir/<name>/results.json``, for a CLI run and a deployment run alike."""
+    from prefect.runtime import deployment, flow_run
+
+    from poison_core.io import atomic_write_bytes
+    from tasks.report import _git_commit
+
+    result.update(seconds=round(time.time() - started, 3), code_version=_git_commit(), store=root,
+                  prefect={"flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
+                           "deployment": deployment.name})
+    path = Path(run_dir) / cfg.name / "results.json"
+    atomic_write_bytes(str(path), json.dumps(result, indent=2, default=list).encode())
+    log.info("results: %s", path.resolve())
+    return result
 
 
 def _count(outputs: dict[Any, StageOutput]) -> int:
@@ -96,13 +134,14 @@ class _Clock:
 @flow(name="ingest")
 def ingest_flow(config: str, store: str | None = None) -> str:
     """Stage 1 alone: store the dataset split; returns its key prefix."""
-    return t.ingest(Store(store).root, _config(config)).key
+    cfg, root = _checked(config, store)
+    return t.ingest(root, cfg).key
 
 
 @flow(name="craft")
 def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-3: store every PoisonSet; returns their keys."""
-    cfg, root = _config(config), Store(store).root
+    cfg, root = _checked(config, store)
     ensure_ray(cfg.execution)
     prefix = t.ingest(root, cfg).key
     t.pretrain(root, cfg, prefix)
@@ -113,7 +152,7 @@ def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
 @flow(name="retrain")
 def retrain_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-4: store every victim; returns their keys."""
-    cfg, root = _config(config), Store(store).root
+    cfg, root = _checked(config, store)
     ensure_ray(cfg.execution)
     prefix = t.ingest(root, cfg).key
     t.pretrain(root, cfg, prefix)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +25,14 @@ from infra.storage import Store, content_hash
 from poison_core import __version__
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.checkpoint import Checkpointer
-from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig
-from poison_core.data import DatasetSplits, load_dataset, read_split, write_split
+from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig, ThreatModel
+from poison_core.data import DatasetSplits, ImageDataset, load_dataset, read_split, write_split
 from poison_core.defenses import Classifier, DefenseContext, make_defense
 from poison_core.defenses.persist import load_classifier, save_classifier
 from poison_core.experiment import cell_row, train_surrogate
 from poison_core.models import build_model
-from poison_core.models.io import load_state, save_model, state_checksum
+from poison_core.models.io import check_safetensors, load_state, save_model, state_checksum
+from poison_core.errors import AuditError, InputError
 from poison_core.poisons import PoisonSet, apply, poison_mask
 from poison_core.seeding import derive_seed
 
@@ -41,12 +42,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StageOutput:
     """Where a stage's output lives, whether this call computed it (False: reused), and the seconds
-    spent in its core compute (the poison_core call: no store I/O, no orchestration)."""
+    spent in its core compute (the poison_core call: no store I/O, no orchestration), which began at
+    `started` and ended at `ended` (wall clock, seconds since the epoch; 0 when reused)."""
 
     key: str
     computed: bool
     node: str = ""
     seconds: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
 
 
 def _node() -> str:
@@ -61,7 +65,9 @@ def _node() -> str:
 
 
 def _done(key: str, computed: bool, clock: "_Compute | None" = None) -> StageOutput:
-    return StageOutput(key, computed, _node(), clock.seconds if clock is not None else 0.0)
+    if clock is None:
+        return StageOutput(key, computed, _node())
+    return StageOutput(key, computed, _node(), clock.seconds, clock.started, clock.ended)
 
 
 class _Compute:
@@ -69,15 +75,41 @@ class _Compute:
     measured against, see benchmarks/orchestration.py)."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.seconds = self.started = self.ended = 0.0
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
         start = time.perf_counter()
+        self.started = self.started or time.time()
         try:
             yield
         finally:
             self.seconds += time.perf_counter() - start
+            self.ended = time.time()
+
+
+def _reusable(store: Store, key: str, check: Callable[[], Any]) -> bool:
+    """Whether the stored output at `key` can be reused: it exists and `check` reads it back. A damaged
+    output (truncated, not the format it should be) is quarantined and False returned, so the stage
+    recomputes it. A PoisonSet that reads but breaks its audit is not damage: its AuditError stands."""
+    if not store.exists(key):
+        return False
+    try:
+        check()
+        return True
+    except (InputError, ValueError) as exc:
+        store.quarantine(key, " ".join(str(exc).split()))
+        return False
+
+
+def _check_model(store: Store, key: str) -> None:
+    check_safetensors(store.read_bytes(key), store.uri(key))
+
+
+def _check_cell(store: Store, key: str) -> None:
+    row = json.loads(store.read_bytes(key))
+    if not isinstance(row, dict) or not {"attack", "defense", "seed"} <= set(row):
+        raise InputError(f"cell file {store.uri(key)!r} is not a Belladonna cell")
 
 
 def as_store(store: Store | str) -> Store:
@@ -97,7 +129,10 @@ def ingest(store: Store | str, cfg: DatasetConfig) -> StageOutput:
     """Load the dataset with its seeded split and store train/test Parquet."""
     store = as_store(store)
     prefix = dataset_prefix(cfg)
-    if store.exists(f"{prefix}/train.parquet") and store.exists(f"{prefix}/test.parquet"):
+    splits = [f"{prefix}/{split}.parquet" for split in ("test", "train")]
+    checks = [_reusable(store, key, lambda key=key: read_split(store.uri(key), store.storage_options))
+              for key in splits]
+    if all(checks):
         return _done(prefix, False)
     clock = _Compute()
     with clock():
@@ -123,7 +158,7 @@ def pretrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, seed: int, i
     """Train surrogate `index` of seed `seed` on the clean training set (the attacker's model)."""
     store = as_store(store)
     key = surrogate_key(cfg, prefix, seed, index)
-    if store.exists(key):
+    if _reusable(store, key, lambda: _check_model(store, key)):
         return _done(key, False)
     splits = load_splits(store, prefix)
     clock = _Compute()
@@ -154,14 +189,29 @@ def poison_key(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: in
     return f"poisons/{attack.key}-{content_hash(payload)}.parquet"
 
 
+def expected_threat(cfg: BenchmarkConfig, prefix: str, key: str) -> ThreatModel:
+    """The threat model a reader of the PoisonSet at `key` holds it to: that of the attack of `cfg`
+    whose poison key (for one of the seeds) it is. A key that is no poison key of this config is an
+    AuditError: the reader has no threat model to audit it against."""
+    for attack in cfg.attacks:
+        if any(poison_key(cfg, prefix, attack, seed) == key for seed in cfg.seeds):
+            return cfg.threat_for(attack)
+    raise AuditError(f"{key!r} is not the PoisonSet of any attack and seed of benchmark {cfg.name!r}")
+
+
+def read_poisons(store: Store, cfg: BenchmarkConfig, prefix: str, key: str, train: ImageDataset) -> PoisonSet:
+    """The stored PoisonSet at `key`, audited against `train` and the threat model `cfg` gives its attack."""
+    return store.read_poison_set(key, train, expected_threat(cfg, prefix, key))
+
+
 def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: int,
           device: str = "cpu") -> StageOutput:
     """Craft one attack's PoisonSet for one seed; it is audited before it is written."""
     store = as_store(store)
     key = poison_key(cfg, prefix, attack, seed)
-    if store.exists(key):
-        return _done(key, False)
     splits = load_splits(store, prefix)
+    if _reusable(store, key, lambda: read_poisons(store, cfg, prefix, key, splits.train)):
+        return _done(key, False)
     attacker = make_attack(attack.name, attack.params)
     surrogates, checksums = ([], [])
     if attacker.needs_surrogate:
@@ -203,12 +253,12 @@ def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: Defe
     """Train the victim under `defense` on the clean (poisons=None) or poisoned training set."""
     store = as_store(store)
     key = model_key(cfg, prefix, defense, seed, poisons)
-    if store.exists(key):
+    if _reusable(store, key, lambda: _check_model(store, key)):
         return _done(key, False)
     splits = load_splits(store, prefix)
     train, mask = splits.train, None
     if poisons is not None:
-        poison_set = store.read_poison_set(poisons, splits.train)
+        poison_set = read_poisons(store, cfg, prefix, poisons, splits.train)
         train, mask = apply(poison_set, splits.train), poison_mask(poison_set, splits.train)
     ctx = DefenseContext(train=train, victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
                          device=torch.device(device), is_poison=mask, map=job_map(cfg.execution))
@@ -231,10 +281,10 @@ def evaluate_cell(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack:
     """Metrics of the poisoned victim and of the clean victim (baseline_*) against the attack's goal."""
     store = as_store(store)
     key = f"cells/{content_hash({'poisons': poisons, 'model': model, 'clean': clean_model, 'v': __version__})}.json"
-    if store.exists(key):
+    if _reusable(store, key, lambda: _check_cell(store, key)):
         return _done(key, False)
     splits = load_splits(store, prefix)
-    poison_set: PoisonSet = store.read_poison_set(poisons, splits.train)
+    poison_set = read_poisons(store, cfg, prefix, poisons, splits.train)
     poisoned, info = _load_classifier(store, cfg, model, splits, device)
     clean, _ = _load_classifier(store, cfg, clean_model, splits, device)
     clock = _Compute()

@@ -10,7 +10,7 @@ import pytest
 
 from poison_core.config import load_benchmark
 from poison_core.data import load_dataset
-from poison_core.poisons import read_poison_set
+from poison_core.poisons import audit_file
 
 TINY = """
 name: tiny
@@ -29,7 +29,7 @@ seeds: [3]
 
 def belladonna(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "belladonna.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=1200)
 
 
 def test_run_writes_results_and_audited_poison_sets(tmp_path):
@@ -46,7 +46,7 @@ def test_run_writes_results_and_audited_poison_sets(tmp_path):
     assert 0 < compute["retrain"] <= 2 * results["seconds"] and compute["pretrain"] == 0
     train = load_dataset(load_benchmark(config).dataset).train
     key = results["poisons"]["label_flip/seed3"]
-    ps = read_poison_set(str(tmp_path / "out" / "store" / key), train)
+    ps, _ = audit_file(str(tmp_path / "out" / "store" / key), train, load_benchmark(config))
     assert set(ps.poison_labels) == {7}
     assert (tmp_path / "out" / "mlflow.db").is_file()
     report = belladonna("report", str(tmp_path / "out" / "tiny"))

@@ -3,6 +3,8 @@ sqlite store, and the store on a real S3 endpoint (moto server on 127.0.0.1); th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from mlflow import MlflowClient
 
@@ -41,8 +43,8 @@ def test_quickstart_flow_on_ray_with_s3_store_and_mlflow(prefect_server, fresh_r
             ctx = CraftContext(train=train, threat=cfg.threat_for(attack), seed=derive_seed(seed, "craft", attack.key))
             again = make_attack(attack.name, attack.params).craft(ctx)
             stored = store.read_bytes(key)
-            assert stored == to_parquet_bytes(again)
-            back = store.read_poison_set(key, train)
+            assert stored == to_parquet_bytes(replace(again, provenance={**again.provenance, "store_key": key}))
+            back = store.read_poison_set(key, train, cfg.threat_for(attack))
             assert np.array_equal(back.images, again.images[np.argsort(again.ids)])
 
     # MLflow: one parent run, one nested run per cell with metrics and params, figures and tables.
