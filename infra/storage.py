@@ -25,6 +25,7 @@ from infra.settings import Settings
 from poison_core import io as core_io
 from poison_core import poisons
 from poison_core.data.dataset import ImageDataset
+from poison_core.data.parquet import read_split
 from poison_core.config import ThreatModel
 from poison_core.errors import AuditError, BelladonnaError, InputError
 from poison_core.poisons import PoisonSet
@@ -177,6 +178,12 @@ class Store:
             if missing_ok and not fs.exists(path):
                 return
             fs.rm_file(path)
+
+    def read_split(self, key: str) -> ImageDataset:
+        """The dataset split at `key` (checksum verified); a transport failure is one StorageError line."""
+        uri = self.uri(key)
+        with self._guard("read", uri):
+            return read_split(uri, self.storage_options)
 
     def quarantine(self, key: str, reason: str) -> str:
         """Move the damaged output at `key` aside to ``quarantine/<UTC time>/<key>`` (kept, not deleted),

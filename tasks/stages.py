@@ -26,7 +26,7 @@ from poison_core import __version__
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.checkpoint import Checkpointer
 from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig, ThreatModel
-from poison_core.data import DatasetSplits, ImageDataset, load_dataset, read_split, write_split
+from poison_core.data import DatasetSplits, ImageDataset, load_dataset, write_split
 from poison_core.defenses import Classifier, DefenseContext, make_defense
 from poison_core.defenses.persist import load_classifier, save_classifier
 from poison_core.experiment import cell_row, train_surrogate
@@ -130,8 +130,7 @@ def ingest(store: Store | str, cfg: DatasetConfig) -> StageOutput:
     store = as_store(store)
     prefix = dataset_prefix(cfg)
     splits = [f"{prefix}/{split}.parquet" for split in ("test", "train")]
-    checks = [_reusable(store, key, lambda key=key: read_split(store.uri(key), store.storage_options))
-              for key in splits]
+    checks = [_reusable(store, key, lambda key=key: store.read_split(key)) for key in splits]
     if all(checks):
         return _done(prefix, False)
     clock = _Compute()
@@ -143,7 +142,7 @@ def ingest(store: Store | str, cfg: DatasetConfig) -> StageOutput:
 
 
 def load_splits(store: Store, prefix: str) -> DatasetSplits:
-    read = [read_split(store.uri(prefix, f"{s}.parquet"), store.storage_options) for s in ("train", "test")]
+    read = [store.read_split(f"{prefix}/{s}.parquet") for s in ("train", "test")]
     return DatasetSplits(train=read[0], test=read[1])
 
 

@@ -218,12 +218,14 @@ def test_summarize_records_the_cells_that_ran(tmp_path, monkeypatch):
                                   {"craft": 4}, tracking, str(tmp_path),
                                   outputs={"craft": poisons, "retrain": models, "evaluate": cells},
                                   stage_seconds={"ingest": 1.0, "craft": 2.0, "retrain": 30.0, "evaluate": 3.0})
+    summary, logged = summary["summary"], summary["mlflow"]
     assert {(r["attack"], r["defense"]) for r in summary} == {(a.key, d.key) for a in cfg.attacks
                                                                  for d in cfg.defenses}
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name(cfg.name)
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert logged["run_id"] == parent.info.run_id and logged["experiment_id"] == experiment.experiment_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 12
     assert parent.info.end_time - parent.info.start_time >= 36_000  # back-dated by the stages' seconds

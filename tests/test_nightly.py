@@ -183,6 +183,15 @@ def test_scheduler_creates_a_nightly_run_that_the_worker_completes(stack):
             [r for r in _runs(client, deployment.id) if r.auto_scheduled], key=lambda r: r.expected_start_time),
             timeout=120)[0]
         assert "auto-scheduled" in first.tags  # created by the scheduler service, not by this test
+
+        def taken():  # by the worker: a paused schedule makes Prefect delete the runs it has not started
+            run = client.read_flow_run(first.id)
+            return run if not run.state.is_scheduled() else None
+
+        try:
+            _wait("the worker to take the scheduled run", taken, timeout=900, every=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- worker ---\n{procs.tail('worker')}") from None
         for schedule in client.read_deployment_schedules(deployment.id):  # one run is enough
             client.update_deployment_schedule(deployment.id, schedule.id, active=False)
         for run in _runs(client, deployment.id):
