@@ -184,14 +184,17 @@ def test_scheduler_creates_a_nightly_run_that_the_worker_completes(stack):
             timeout=120)[0]
         assert "auto-scheduled" in first.tags  # created by the scheduler service, not by this test
 
-        def taken():  # by the worker: a paused schedule makes Prefect delete the runs it has not started
-            run = client.read_flow_run(first.id)
-            return run if not run.state.is_scheduled() else None
+        def taken():  # the scheduled run the worker started (a paused schedule deletes the unstarted ones;
+            # with the concurrency limit the worker may take any of them, the rest await the slot)
+            started = [r for r in _runs(client, deployment.id) if r.auto_scheduled and r.state
+                       and not r.state.is_scheduled()]
+            return sorted(started, key=lambda r: r.expected_start_time)[0] if started else None
 
         try:
-            _wait("the worker to take the scheduled run", taken, timeout=900, every=1)
+            first = _wait("the worker to take a scheduled run", taken, timeout=900, every=1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- worker ---\n{procs.tail('worker')}") from None
+        assert "auto-scheduled" in first.tags
         for schedule in client.read_deployment_schedules(deployment.id):  # one run is enough
             client.update_deployment_schedule(deployment.id, schedule.id, active=False)
         for run in _runs(client, deployment.id):
