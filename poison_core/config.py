@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
+                      field_validator, model_serializer, model_validator)
 
 from poison_core.errors import ConfigError, InputError
 
@@ -113,6 +114,13 @@ class ThreatModel(StrictModel):
 
     epsilon: L-inf bound on the uint8 grid, in /255 (0..255). budget: fraction of the training set
     the attacker controls, in (0, 1]. clean_label: poisons keep their true labels.
+
+    color_epsilon: bound of a colour perturbation (ReColorAdv, Laidlaw & Feizi, NeurIPS 2019, Sec. 3;
+    MetaPoison's reference applies one, -epscolor 0.04): the largest shift of any point of the colour
+    grid along any channel of its colour space (poison_core.attacks.recolor: YUV, or grey), as a fraction
+    of that channel's range, in [0, 1]. 0 (the default) allows no colour perturbation; with a colour part
+    the L-inf bound `epsilon` applies to the poison minus the colour-shifted image. A zero color_epsilon
+    is left out of the dump, so threat models without one serialise (and hash) as they did before.
     """
 
     epsilon: int = Field(16, ge=0, le=255)
@@ -120,6 +128,14 @@ class ThreatModel(StrictModel):
     clean_label: bool = False
     knowledge: Literal["white", "grey", "black"] = "white"
     targets: TargetSelection = TargetSelection()
+    color_epsilon: float = Field(0.0, ge=0, le=1)
+
+    @model_serializer(mode="wrap")
+    def _dump_without_zero_color(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.color_epsilon == 0:
+            data.pop("color_epsilon", None)
+        return data
 
     def max_poisons(self, n_train: int) -> int:
         """The largest poison count this budget allows on `n_train` samples: floor(budget * n)."""

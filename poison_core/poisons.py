@@ -6,6 +6,13 @@ the schema metadata. Every write and every read runs :func:`audit` against the c
 set: L-inf perturbation <= epsilon on the uint8 grid, count <= floor(budget * n), labels unchanged
 for clean-label attacks, ids present and unique, labels in range. A violation raises AuditError.
 
+An optional colour part (MetaPoison's ReColorAdv option): `color`, float32 (P, *grid, C) parameters,
+stored as column ``color`` with ``belladonna.color_grid``. The audit checks |theta| <= color_epsilon (any
+colour part fails under 0), recomputes the colour-shifted base from the clean image and theta (float64,
+rounded to the nearest grey level, as the crafting side rounds it: recolor.shifted_base) and holds the
+additive part, poison minus that base, to epsilon on the uint8 grid: at most eps + 0.5 grey levels from
+the real-valued colour-shifted image. A PoisonSet without a colour part is written and audited as before.
+
 A reader audits against the threat model *it* expects (the config's, for the attack that produced the
 file), never the one the file records about itself: metadata edited to epsilon 255 / budget 1 / not
 clean-label is a mismatch with the expected threat model, and a file that claims another clean dataset
@@ -41,7 +48,8 @@ class PoisonSet:
     orig_labels / poison_labels: int64 (P,); n_train: size of the training set crafted against;
     targets: JSON-able description of the attacked test points (ids, adversarial classes);
     trigger: JSON-able trigger spec for backdoors (see poison_core.triggers) or None;
-    provenance: attack, params, seed, dataset / surrogate checksums, code version.
+    provenance: attack, params, seed, dataset / surrogate checksums, code version;
+    color: float32 (P, *grid, C) colour parameters (ReColorAdv) or None for no colour part.
     """
 
     ids: np.ndarray
@@ -53,6 +61,7 @@ class PoisonSet:
     targets: dict[str, Any] = field(default_factory=dict)
     trigger: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    color: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ("ids", "orig_labels", "poison_labels"):
@@ -64,6 +73,10 @@ class PoisonSet:
         if not (len(self.orig_labels) == len(self.poison_labels) == len(self.ids)):
             raise AuditError("poison ids, orig_labels and poison_labels differ in length")
         object.__setattr__(self, "images", images)
+        if self.color is not None:
+            object.__setattr__(self, "color", np.asarray(self.color, dtype=np.float32))
+            if self.color.ndim < 3 or len(self.color) != len(self.ids):
+                raise AuditError(f"colour parameters must be (P, *grid, C), P={len(self.ids)}; got {self.color.shape}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,16 +119,51 @@ def audit(poison_set: PoisonSet, train: ImageDataset, threat: ThreatModel | None
         raise AuditError(f"poison_label outside 0..{k - 1}")
     if expected.clean_label and np.any(poison_set.flipped):
         raise AuditError(f"clean-label threat model but {int(poison_set.flipped.sum())} labels were changed")
+    if poison_set.color is not None:
+        _check_color(poison_set.color, train.images.shape[-1], expected)
     if len(poison_set):
-        linf = int(np.abs(poison_set.images.astype(np.int16) - train.images[pos].astype(np.int16)).max())
+        linf = additive_linf(poison_set, train)
         if linf > expected.epsilon:
-            raise AuditError(f"perturbation L-inf {linf}/255 exceeds epsilon {expected.epsilon}/255")
+            over = "" if poison_set.color is None else " over the colour-shifted base"
+            raise AuditError(f"perturbation L-inf {linf}/255{over} exceeds epsilon {expected.epsilon}/255")
+
+
+def additive_linf(poison_set: PoisonSet, train: ImageDataset) -> int:
+    """L-inf distance, in /255, of the poisons from their clean images, or with a colour part from the
+    colour-shifted base recomputed from the clean images and the stored colour parameters."""
+    if not len(poison_set):
+        return 0
+    base = train.images[train.positions(poison_set.ids)]
+    if poison_set.color is not None:
+        # imported here: poison_core.attacks imports this module
+        from poison_core.attacks.recolor import shifted_base
+
+        base = shifted_base(base, poison_set.color)
+    return int(np.abs(poison_set.images.astype(np.int16) - base.astype(np.int16)).max())
+
+
+def _check_color(color: np.ndarray, channels: int, threat: ThreatModel) -> None:
+    """The colour parameters' shape and their bound: |theta| <= color_epsilon (compared in float32)."""
+    from poison_core.attacks.recolor import check_shape
+
+    if threat.color_epsilon == 0:
+        raise AuditError("poison set has a colour perturbation (colour parameters), but threat.color_epsilon is 0: "
+                         "no colour perturbation is allowed")
+    try:
+        check_shape(color.shape, channels)
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
+    bound = np.float32(threat.color_epsilon)
+    if not np.all(np.abs(color) <= bound):
+        worst = float(np.max(np.abs(color)))  # nan where a parameter is not a number
+        raise AuditError(f"colour parameter {worst:.6g} exceeds threat.color_epsilon {threat.color_epsilon}")
 
 
 def _check_claims(poison_set: PoisonSet, train: ImageDataset, threat: ThreatModel) -> None:
     """The file's own claims against the reader's: its threat model and its clean dataset."""
     recorded, wanted = poison_set.threat.model_dump(), threat.model_dump()
-    differ = [f"{k} {recorded[k]!r} (expected {wanted[k]!r})" for k in wanted if recorded.get(k) != wanted[k]]
+    differ = [f"{k} {recorded.get(k)!r} (expected {wanted.get(k)!r})" for k in sorted(set(wanted) | set(recorded))
+              if recorded.get(k) != wanted.get(k)]
     if differ:
         raise AuditError(f"recorded threat model differs from the expected one: {', '.join(differ)}")
     claimed = poison_set.provenance.get("dataset_checksum")
@@ -146,12 +194,18 @@ def poison_mask(poison_set: PoisonSet, train: ImageDataset) -> np.ndarray:
 def to_parquet_bytes(poison_set: PoisonSet) -> bytes:
     """Deterministic Parquet bytes: the same PoisonSet gives the same bytes."""
     order = np.argsort(poison_set.ids, kind="stable")
-    table = pa.table({
+    columns = {
         "id": pa.array(poison_set.ids[order], pa.int64()),
         "image": images_to_column(poison_set.images[order]),
         "orig_label": pa.array(poison_set.orig_labels[order], pa.int16()),
         "poison_label": pa.array(poison_set.poison_labels[order], pa.int16()),
-    })
+    }
+    if poison_set.color is not None:
+        color = poison_set.color[order]
+        width = int(np.prod(color.shape[1:]))
+        columns["color"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(color).reshape(-1), pa.float32()), width)
+    table = pa.table(columns)
     meta = {
         "format_version": FORMAT_VERSION,
         "shape": list(poison_set.images.shape[1:]),
@@ -161,6 +215,8 @@ def to_parquet_bytes(poison_set: PoisonSet) -> bytes:
         "trigger": poison_set.trigger,
         "provenance": {"code_version": __version__, **poison_set.provenance},
     }
+    if poison_set.color is not None:
+        meta["color_grid"] = list(poison_set.color.shape[1:])
     encoded = {f"{_META}{k}".encode(): json.dumps(v, sort_keys=True, separators=(",", ":")).encode()
                for k, v in sorted(meta.items())}
     return table_to_bytes(table.replace_schema_metadata(encoded))
@@ -176,13 +232,31 @@ def from_parquet_bytes(data: bytes, what: str = "poison set") -> PoisonSet:
         check_image_shape(shape, what)
         threat = ThreatModel.model_validate(meta["threat"])
         columns = {name: table.column(name) for name in ("id", "image", "orig_label", "poison_label")}
+        color = _read_color(table, meta)
     except (KeyError, ValueError, TypeError) as exc:
         raise DatasetError(f"{what}: missing or invalid Belladonna metadata/columns ({exc})") from None
     return PoisonSet(
         ids=columns["id"].to_numpy(), images=column_to_images(columns["image"], shape, what),
         orig_labels=columns["orig_label"].to_numpy(), poison_labels=columns["poison_label"].to_numpy(),
         threat=threat, n_train=int(meta["n_train"]), targets=meta.get("targets") or {},
-        trigger=meta.get("trigger"), provenance=meta.get("provenance") or {})
+        trigger=meta.get("trigger"), provenance=meta.get("provenance") or {}, color=color)
+
+
+def _read_color(table: pa.Table, meta: dict[str, Any]) -> np.ndarray | None:
+    """The optional colour column, reshaped by its recorded grid (P, *grid, C); None where both are absent."""
+    has_column, grid = "color" in table.column_names, meta.get("color_grid")
+    if not has_column and grid is None:
+        return None
+    if not has_column or grid is None:
+        raise ValueError("a colour column needs its grid (belladonna.color_grid) and the other way round")
+    shape = tuple(int(g) for g in grid)
+    if not 1 <= len(shape) <= 4 or not all(1 <= g <= 64 for g in shape):
+        raise ValueError(f"colour grid {list(shape)} is outside 1..64 points per axis")
+    arr = table.column("color").combine_chunks()
+    if not pa.types.is_fixed_size_list(arr.type) or arr.type.list_size != int(np.prod(shape)):
+        raise ValueError(f"colour column {arr.type} does not match grid {list(shape)}")
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape((len(arr), *shape))
 
 
 def write_poison_set(poison_set: PoisonSet, uri: str, train: ImageDataset,

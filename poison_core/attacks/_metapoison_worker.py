@@ -14,6 +14,11 @@ A mini-epoch (``epoch_batches``) is all the poisons plus random clean samples, e
 all, so that every poison is still swept. 'mixed' and 'poisons' are the earlier unroll-at-current-weights
 variants (random poison share among clean samples; the whole poison set, as Geiping et al.'s PyTorch
 MetaPoison), followed by one (mini-)epoch of training.
+
+Given colour parameters (the ReColorAdv option), every poison is recolor(base, theta) + delta wherever it
+enters a batch, the craft step also returns the summed meta-gradient in theta, and each batch that holds
+poisons adds the gradient of the smoothness term recolor_smoothness * R(theta) to it, as the reference's
+objective (``cwT + smoothobj``) is accumulated once per such batch (``accumop``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poison_core.attacks._unroll import Batch, OuterLoss, unrolled_adversarial_grad
+from poison_core.attacks._unroll import Batch, OuterLoss, unrolled_adversarial_grad, unrolled_recolor_grad
+from poison_core.attacks.recolor import recolor, smoothness
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor
 
@@ -76,40 +82,60 @@ class MetaPoisonWorker:
         warmup = self.params.lr_warmup_epochs
         return self.params.lr * (min(1.0, (self.epoch + 1) / warmup) if warmup else 1.0)
 
-    def _batch(self, idx: np.ndarray, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training samples `idx` as float NCHW (poisoned where they are poisons) and their labels."""
+    def _batch(self, idx: np.ndarray, delta: torch.Tensor | None = None,
+               shifted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training samples `idx` as float NCHW (poisoned where they are poisons: the colour-shifted
+        bases `shifted`, if given, plus `delta`) and their labels."""
         x = to_tensor(self.images[idx], self.device)
         if delta is not None:
             rows = self.slot[idx]
             hit = np.flatnonzero(rows >= 0)
+            if shifted is not None:
+                x[hit] = shifted[rows[hit]]
             x[hit] = x[hit] + delta[rows[hit]]
         return x, torch.from_numpy(self.labels[idx]).to(self.device)
 
-    def craft_step(self, delta: np.ndarray, step: int) -> tuple[float, np.ndarray]:
-        """This model's part of craft step `step`: (adversarial loss, meta-gradient), and one (mini-)epoch."""
+    def _shifted(self, color: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(colour parameters on the device, the colour-shifted poison bases, detached), or (None, None)."""
+        if color is None:
+            return None, None
+        theta = torch.from_numpy(color).to(self.device)
+        with torch.no_grad():
+            return theta, recolor(self._batch(self.positions)[0], theta)
+
+    def _smoothness_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """d (recolor_smoothness * R(theta)) / d theta."""
+        theta = theta.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.params.recolor_smoothness * smoothness(theta), theta)
+        return grad
+
+    def craft_step(self, delta: np.ndarray, step: int, color: np.ndarray | None = None) -> tuple:
+        """This model's part of craft step `step`: (adversarial loss, meta-gradient[, colour meta-gradient]),
+        and one (mini-)epoch."""
         if self.params.unroll_batch == "epoch":
-            result = self._sweep(self.model, delta, step)
+            result = self._sweep(self.model, delta, step, color)
             self._end_epoch()
             return result
-        result = self.adversarial_grad(delta, step)
-        self.advance(delta if self.params.trajectory == "poisoned" else None)
+        result = self.adversarial_grad(delta, step, color)
+        self.advance(delta if self.params.trajectory == "poisoned" else None, color)
         return result
 
-    def adversarial_grad(self, delta: np.ndarray, step: int) -> tuple[float, np.ndarray]:
+    def adversarial_grad(self, delta: np.ndarray, step: int, color: np.ndarray | None = None) -> tuple:
         """(adversarial loss, its gradient) from the current weights, the model left where it is. 'epoch':
         the sweep of :meth:`craft_step` on a copy of the model; 'mixed': K batches each holding
         round(batch_size * P / N) >= 1 random poisons, their share of the data; 'poisons': each step is on
         all P poisons and nothing else."""
         p = self.params
         if p.unroll_batch == "epoch":
-            return self._sweep(copy.deepcopy(self.model), delta, step)
+            return self._sweep(copy.deepcopy(self.model), delta, step, color)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "unroll", step))
         none = torch.zeros(0, dtype=torch.long, device=self.device)
         if p.unroll_batch == "poisons":
             nothing = self._batch(np.empty(0, dtype=np.int64))
             everything = (*nothing, torch.arange(len(self.positions), device=self.device))
-            tail = (*self._batch(self.positions, torch.from_numpy(delta).to(self.device)), none)
-            return self._unroll([everything] * p.unroll_steps, tail, delta)
+            shifted = self._shifted(color)[1]
+            tail = (*self._batch(self.positions, torch.from_numpy(delta).to(self.device), shifted), none)
+            return self._unroll([everything] * p.unroll_steps, tail, delta, color)
         share = min(len(self.positions), max(1, round(p.batch_size * len(self.positions) / len(self.images))))
         batches = []
         for _ in range(p.unroll_steps):
@@ -117,15 +143,21 @@ class MetaPoisonWorker:
             clean = self.clean[torch.randperm(len(self.clean), generator=gen)[:p.batch_size - share].numpy()]
             batches.append((*self._batch(clean), poison_idx.to(self.device)))
         tail = self.clean[torch.randperm(len(self.clean), generator=gen)[:p.batch_size].numpy()]
-        return self._unroll(batches, (*self._batch(tail), none), delta)
+        return self._unroll(batches, (*self._batch(tail), none), delta, color)
 
-    def _unroll(self, batches: list[Batch], tail: Batch, delta: np.ndarray) -> tuple[float, np.ndarray]:
-        """(adversarial loss, its gradient) through one SGD step per batch of `batches`."""
+    def _unroll(self, batches: list[Batch], tail: Batch, delta: np.ndarray, color: np.ndarray | None) -> tuple:
+        """(adversarial loss, its gradient[, colour gradient]) through one SGD step per batch of `batches`."""
         bases, poison_labels = self._batch(self.positions)
-        loss, grad = unrolled_adversarial_grad(self.model, bases, torch.from_numpy(delta).to(self.device),
-                                               poison_labels, batches, self.target, self.adversarial_class,
-                                               self._lr(), self.outer, tail)
-        return loss, grad.cpu().numpy()
+        perturbation = torch.from_numpy(delta).to(self.device)
+        if color is None:
+            loss, grad = unrolled_adversarial_grad(self.model, bases, perturbation, poison_labels, batches,
+                                                   self.target, self.adversarial_class, self._lr(), self.outer, tail)
+            return loss, grad.cpu().numpy()
+        theta = torch.from_numpy(color).to(self.device)
+        loss, grad, grad_color = unrolled_recolor_grad(self.model, bases, perturbation, theta, poison_labels, batches,
+                                                       self.target, self.adversarial_class, self._lr(), self.outer,
+                                                       tail)
+        return loss, grad.cpu().numpy(), (grad_color + self._smoothness_grad(theta)).cpu().numpy()
 
     def _sweep_order(self, gen: torch.Generator) -> list[np.ndarray]:
         """The batches of one sweep: the whole training set in random order, or a mini-epoch of
@@ -140,13 +172,16 @@ class MetaPoisonWorker:
             order = chosen[torch.randperm(len(chosen), generator=gen).numpy()]
         return [order[s] for s in batch_slices(len(order), p.batch_size)]
 
-    def _sweep(self, model: nn.Module, delta: np.ndarray, step: int) -> tuple[float, np.ndarray]:
+    def _sweep(self, model: nn.Module, delta: np.ndarray, step: int, color: np.ndarray | None = None) -> tuple:
         """One epoch of `model` with the meta-gradient of every batch that holds poisons summed (reference
-        ``accumop``); returns (mean adversarial loss over those batches, the summed meta-gradient)."""
+        ``accumop``); returns (mean adversarial loss over those batches, the summed meta-gradient[, the
+        summed colour meta-gradient, smoothness term included])."""
         p, device = self.params, self.device
         order = self._sweep_order(torch.Generator().manual_seed(derive_seed(self.seed, "sweep", step)))
         perturbation = torch.from_numpy(delta).to(device)
         bases, poison_labels = self._batch(self.positions)
+        theta, shifted = self._shifted(color)
+        total_color = None if theta is None else torch.zeros_like(theta)
         none = torch.zeros(0, dtype=torch.long, device=device)
         lr, total, losses = self._lr(), torch.zeros_like(perturbation), []
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -155,29 +190,41 @@ class MetaPoisonWorker:
             rows = self.slot[idx]
             if (rows >= 0).any():
                 first = (*self._batch(idx[rows < 0]), torch.from_numpy(rows[rows >= 0]).to(device))
-                later = [(*self._batch(order[(i + k) % len(order)], perturbation), none)
+                later = [(*self._batch(order[(i + k) % len(order)], perturbation, shifted), none)
                          for k in range(1, p.unroll_steps + 1)]
-                loss, grad = unrolled_adversarial_grad(model, bases, perturbation, poison_labels, [first, *later[:-1]],
-                                                       self.target, self.adversarial_class, lr, self.outer, later[-1])
+                if theta is None:
+                    loss, grad = unrolled_adversarial_grad(model, bases, perturbation, poison_labels,
+                                                           [first, *later[:-1]], self.target, self.adversarial_class,
+                                                           lr, self.outer, later[-1])
+                else:
+                    loss, grad, grad_color = unrolled_recolor_grad(model, bases, perturbation, theta, poison_labels,
+                                                                   [first, *later[:-1]], self.target,
+                                                                   self.adversarial_class, lr, self.outer, later[-1])
+                    total_color += grad_color + self._smoothness_grad(theta)
                 total += grad
                 losses.append(loss)
-            x, y = self._batch(idx, perturbation if p.trajectory == "poisoned" else None)
+            x, y = self._batch(idx, perturbation if p.trajectory == "poisoned" else None, shifted)
             step_loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
             optimizer.step()
-        return float(np.mean(losses)) if losses else 0.0, total.cpu().numpy()
+        loss = float(np.mean(losses)) if losses else 0.0
+        if total_color is None:
+            return loss, total.cpu().numpy()
+        return loss, total.cpu().numpy(), total_color.cpu().numpy()
 
-    def advance(self, delta: np.ndarray | None) -> int:
-        """One (mini-)epoch of SGD on the clean data (with `delta`'s poisons if given); restart after T epochs."""
+    def advance(self, delta: np.ndarray | None, color: np.ndarray | None = None) -> int:
+        """One (mini-)epoch of SGD on the clean data (with the poisons recolor(base, color) + delta if delta
+        is given); restart after T epochs."""
         p = self.params
         perturbation = None if delta is None else torch.from_numpy(delta).to(self.device)
+        shifted = self._shifted(color)[1] if delta is not None else None
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.generation, self.epoch))
         order = torch.randperm(len(self.images), generator=gen).numpy()
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self._lr())
         self.model.train()
         for batch in batch_slices(len(order), p.batch_size)[:p.epoch_batches]:
-            x, y = self._batch(order[batch], perturbation)
+            x, y = self._batch(order[batch], perturbation, shifted)
             loss = F.cross_entropy(self.model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

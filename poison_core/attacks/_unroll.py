@@ -22,6 +22,10 @@ batch beyond the K SGD batches (``tail``; the reference's queue holds K + 1 batc
 reference writes the runner-up as max(z - z * onehot), which reads 0 for the adversarial class, we
 take the true runner-up logit. :class:`OuterLoss` also offers cross-entropy ('xentT'), the last stage
 only, and an eval-mode target scored with the running statistics (this module's earlier behaviour).
+
+With the ReColorAdv option (:func:`unrolled_recolor_grad`) the poisons are f_theta(bases) + delta, the
+colour function first and the additive part on top (reference meta.py ``poisoninputs_masked_recolored``
+then ``poisoninputs_masked_perturbed``), and the meta-gradient is taken in both delta and theta.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from poison_core.attacks.recolor import recolor
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -128,3 +134,20 @@ def unrolled_adversarial_grad(model: nn.Module, bases: torch.Tensor, delta: torc
                                 adversarial_class, lr, outer, tail)
     (grad,) = torch.autograd.grad(loss, delta, allow_unused=True)
     return float(loss.detach()), torch.zeros_like(delta) if grad is None else grad.detach()
+
+
+def unrolled_recolor_grad(model: nn.Module, bases: torch.Tensor, delta: torch.Tensor, color: torch.Tensor,
+                          poison_labels: torch.Tensor, batches: Sequence[Batch], target: torch.Tensor,
+                          adversarial_class: int, lr: float, outer: OuterLoss = OuterLoss(),
+                          tail: Batch | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(adversarial loss, d loss / d delta, d loss / d color) for poisons recolor(bases, color) + delta,
+    through K = len(batches) unrolled SGD steps from `model`'s current weights."""
+    params = {name: p.detach().requires_grad_(True) for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    delta = delta.detach().requires_grad_(True)
+    color = color.detach().requires_grad_(True)
+    loss = unrolled_target_loss(model, params, buffers, recolor(bases, color) + delta, poison_labels, batches,
+                                target, adversarial_class, lr, outer, tail)
+    grad_delta, grad_color = torch.autograd.grad(loss, (delta, color), allow_unused=True)
+    return (float(loss.detach()), torch.zeros_like(delta) if grad_delta is None else grad_delta.detach(),
+            torch.zeros_like(color) if grad_color is None else grad_color.detach())

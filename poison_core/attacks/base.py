@@ -91,6 +91,8 @@ class Crafted:
     provenance: dict[str, Any] = field(default_factory=dict)
     """What the craft itself found out and the PoisonSet's provenance records (e.g. error_min's
     `stop_criterion_met`), beside the attack, params, seed and checksums the base adds."""
+    color: np.ndarray | None = None
+    """Per-poison colour parameters (MetaPoison's ReColorAdv option), in `positions` order; None: none."""
 
 
 class Attack(ABC):
@@ -136,7 +138,8 @@ class Attack(ABC):
             threat=ctx.threat, n_train=len(ctx.train), targets=crafted.targets, trigger=crafted.trigger,
             provenance={"attack": self.name, "params": self.params.model_dump(mode="json"), "seed": ctx.seed,
                         "dataset": ctx.train.name, "dataset_checksum": ctx.train.checksum(),
-                        "surrogate_checksums": list(ctx.surrogate_checksums), **crafted.provenance})
+                        "surrogate_checksums": list(ctx.surrogate_checksums), **crafted.provenance},
+            color=crafted.color)
         audit(poison_set, ctx.train)
         return poison_set
 
