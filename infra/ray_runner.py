@@ -2,18 +2,21 @@
 
 Ray workers run the plain stage functions of `tasks.stages` (no Prefect inside a worker, so no
 worker ever starts its own Prefect server). Each job asks for the CPUs/GPUs the config gives and
-limits torch to its CPU share.
+limits torch to its CPU share. On a cluster every job gets the store, the MLflow tracking URI, the S3
+endpoint and the AWS credential chain's variables through the runtime_env the driver connects with
+(:func:`job_runtime_env`): a cluster's nodes do not share the driver's environment.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import time
 from typing import Any, Callable, Sequence
 
-from infra.settings import Settings
+from infra.settings import Settings, job_env
 from poison_core.config import ExecutionConfig
 from poison_core.errors import BelladonnaError, WorkerLost
 
@@ -24,9 +27,10 @@ loaded machine can miss once."""
 
 
 def ensure_ray(resources: ExecutionConfig) -> None:
-    """Connect to the cluster (or start a local instance) once per process. A local instance's
-    worker processes start importing the stage code at once (:func:`_warm_workers`), while the
-    driver goes on with the flow."""
+    """Connect to the cluster (or start a local instance) once per process. The workers of every node
+    that can run a job start importing the stage code at once (:func:`_warm_workers`), while the
+    driver goes on with the flow. On a cluster the driver's settings travel as the job's runtime_env
+    (a local instance's workers are this process's children and inherit its environment)."""
     import ray
 
     if ray.is_initialized():
@@ -39,6 +43,7 @@ def ensure_ray(resources: ExecutionConfig) -> None:
         kwargs.update(_node_ip_address="127.0.0.1")
     else:
         kwargs.pop("include_dashboard")
+        kwargs["runtime_env"] = job_runtime_env()
     settings = Settings.from_env()
     if address is not None:
         _probe(address, settings.ray_connect_timeout)
@@ -53,8 +58,22 @@ def ensure_ray(resources: ExecutionConfig) -> None:
             ray.shutdown()
     log.info("ray: %s", ray.cluster_resources())
     check_cluster_resources(resources, settings.ray_resource_wait if address is not None else 0.0)
-    if address is None:
-        _warm_workers()
+    _warm_workers(resources)
+
+
+def job_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The runtime_env a driver connects to a cluster with: ``env_vars`` of :func:`infra.settings.job_env`
+    (``BELLADONNA_*``, the MLflow tracking URI, the S3 endpoint, the AWS credential chain's variables),
+    less those a submitted job (``ray job submit --runtime-env-json``) already gives all its tasks: Ray
+    refuses a driver runtime_env that repeats one of the job's variables. Holds credentials: never log it."""
+    env = os.environ if environ is None else environ
+    given: dict[str, str] = {}
+    if env.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for a submitted job's driver
+        job = json.loads(env["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+        given = (job.get("runtime_env") or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in job_env(env).items() if k not in given}
+    log.info("ray: jobs get %s from this driver's environment", ", ".join(sorted(env_vars)) or "no variables")
+    return {"env_vars": env_vars} if env_vars else {}
 
 
 class ClusterError(BelladonnaError):
@@ -109,16 +128,25 @@ def _import_stages() -> int:
     return os.getpid()
 
 
-def _warm_workers() -> None:
-    """One import job per local CPU, not awaited: the first real jobs then find workers that have
-    already imported torch and Belladonna, and that cost overlaps the flow's start (the Prefect
-    server, ingest) instead of adding to the first stage (benchmarks/orchestration.py)."""
+def _warm_workers(resources: ExecutionConfig | None = None) -> None:
+    """On every alive node that can run a job, one import job per job that fits there at once, pinned to
+    that node and not awaited: the first real jobs then find workers that have already imported torch
+    and Belladonna, and that cost overlaps the flow's start (the Prefect server, ingest) instead of
+    adding to the first stage (benchmarks/orchestration.py). Ray starts a job's workers afresh on each
+    node, so a cluster's nodes are as cold as a new local instance's."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    cpus = int(ray.cluster_resources().get("CPU", 0))
+    resources = resources or ExecutionConfig()
     warm = ray.remote(num_cpus=1, max_retries=0)(_import_stages)
-    for _ in range(cpus):
-        warm.remote()
+    for node in ray.nodes():
+        have = node.get("Resources", {})
+        if not node.get("Alive") or have.get("CPU", 0) < max(1.0, resources.num_cpus) \
+                or have.get("GPU", 0) < resources.num_gpus:
+            continue
+        strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
+        for _ in range(int(have["CPU"] // max(1.0, resources.num_cpus))):
+            warm.options(scheduling_strategy=strategy).remote()
 
 
 def _in_worker(fn: Callable[..., Any], num_cpus: float, args: tuple, kwargs: dict) -> Any:

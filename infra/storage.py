@@ -5,6 +5,9 @@ so no key can leave the store. Writes are atomic (:func:`poison_core.io.atomic_w
 requests use bounded botocore retries and short timeouts from :class:`~infra.settings.Settings`; an
 unreachable endpoint, a missing bucket or a refused access becomes one :class:`StorageError` line that
 names the URI and the cause. Stages name outputs with :func:`content_key` (a hash of every input).
+
+S3 credentials are AWS's standard chain as botocore resolves it (:func:`infra.settings.s3_credential_source`):
+a store no link of it can serve is refused when it is opened, in one line, not inside a worker later.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from infra.settings import Settings
+from infra.settings import Settings, s3_credential_source
 from poison_core import io as core_io
 from poison_core import poisons
 from poison_core.data.dataset import ImageDataset
@@ -97,9 +100,8 @@ class Store:
         self.settings = settings if settings is not None else Settings.from_env()
         self.root = _normalise_root(root if root is not None else self.settings.store)
         self.is_s3 = _is_s3(self.root)
-        if self.is_s3 and not self.settings.has_credentials:
-            raise InputError(f"s3 store {self.root!r} needs credentials: "
-                             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if self.is_s3:
+            s3_credential_source(self.settings, self.root)
         self._bucket_checked = False
 
     def __repr__(self) -> str:
@@ -126,6 +128,8 @@ class Store:
         }
         if s.aws_session_token:
             options["token"] = s.aws_session_token.get_secret_value()
+        if s.aws_profile and not s.has_credentials:
+            options["profile"] = s.aws_profile
         return options
 
     def check_writable(self) -> None:

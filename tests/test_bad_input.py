@@ -116,7 +116,7 @@ CASES = [
     ("image-shape-mismatch", BASE.replace("{name: digits,", "{name: imagefolder, path: {imgs},"), [],
      "all images must share one (H, W, C)"),
     ("missing-config", None, ["run", "{tmp}/absent.yaml"], "does not exist"),
-    ("s3-without-credentials", BASE, ["--store", "s3://bucket/prefix"], "needs credentials"),
+    ("s3-without-credentials", BASE, ["--store", "s3://bucket/prefix"], "botocore's credential chain found none"),
     ("store-root-traversal", BASE, ["--store", "s3://bucket/../../x"], "store"),
     ("poisons-break-epsilon", None, ["audit", "{tmp}/eps.parquet", "{tmp}/base.yaml"], "exceeds epsilon 16/255"),
     ("poisons-over-budget", None, ["audit", "{tmp}/budget.parquet", "{tmp}/base.yaml"], "budget exceeded"),

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from infra.settings import Settings
+from infra.settings import Settings, job_env, s3_credential_source
 from infra.storage import StorageError, Store, content_hash, content_key
 from poison_core.config import ThreatModel
 from poison_core.errors import BelladonnaError, ConfigError, DatasetError, InputError
@@ -18,7 +18,9 @@ from tests.s3server import bucket_env, s3_server
 
 TRAIN = tiny_dataset(n=64)
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-            "BELLADONNA_S3_ENDPOINT", "AWS_PROFILE")
+            "BELLADONNA_S3_ENDPOINT", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ENDPOINT_URL_STS",
+            "AWS_EC2_METADATA_DISABLED")
 
 
 def small_poison_set() -> PoisonSet:
@@ -146,10 +148,75 @@ def test_poison_set_round_trips_through_s3_byte_identically(s3_store):
     assert s3_store.list("poisons") == [key]
 
 
-def test_s3_without_credentials_is_an_input_error(monkeypatch):
-    use_env(monkeypatch, {})
-    with pytest.raises(InputError, match=r"s3 store 's3://bucket/x' needs credentials: set AWS_ACCESS_KEY_ID"):
+def chain_env(tmp_path, **extra: str) -> dict[str, str]:
+    """An environment in which botocore's chain sees only what a test gives it: no keys, shared files in
+    `tmp_path` (absent unless written), no instance metadata service."""
+    return {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"), "AWS_CONFIG_FILE": str(tmp_path / "config"),
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1", **extra}
+
+
+def test_s3_without_any_credential_is_one_line_at_start(monkeypatch, tmp_path):
+    use_env(monkeypatch, chain_env(tmp_path))
+    with pytest.raises(InputError, match=r"s3 store 's3://bucket/x' needs credentials and botocore's credential "
+                                         r"chain found none: set AWS_ACCESS_KEY_ID .* AWS_PROFILE") as info:
         Store("s3://bucket/x")
+    assert "\n" not in str(info.value)
+
+
+def test_s3_store_uses_a_shared_credentials_file_profile(moto_endpoint, monkeypatch, tmp_path):
+    (tmp_path / "credentials").write_text("[bd-test]\naws_access_key_id = testing\naws_secret_access_key = "
+                                          "Zq9-profile-secret\n")
+    bucket = moto_endpoint.create_bucket()
+    use_env(monkeypatch, chain_env(tmp_path, AWS_PROFILE="bd-test", BELLADONNA_S3_ENDPOINT=moto_endpoint.endpoint))
+    store = Store(f"s3://{bucket}/store")
+    assert s3_credential_source(store.settings, store.root) == "shared-credentials-file"
+    assert store.storage_options["profile"] == "bd-test" and store.storage_options["key"] is None
+    exercise(store)
+    assert "Zq9-profile-secret" not in repr(store) + repr(store.settings)
+
+
+def test_s3_store_uses_web_identity_credentials(moto_endpoint, monkeypatch, tmp_path):
+    """IRSA's variables: botocore exchanges the token file for a role's credentials (moto's STS)."""
+    (tmp_path / "token").write_text("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJiZCJ9.c2ln")
+    bucket = moto_endpoint.create_bucket()
+    use_env(monkeypatch, chain_env(tmp_path, AWS_ROLE_ARN="arn:aws:iam::123456789012:role/belladonna",
+                                   AWS_WEB_IDENTITY_TOKEN_FILE=str(tmp_path / "token"),
+                                   AWS_ENDPOINT_URL_STS=moto_endpoint.endpoint,
+                                   BELLADONNA_S3_ENDPOINT=moto_endpoint.endpoint))
+    store = Store(f"s3://{bucket}/store")
+    assert s3_credential_source(store.settings, store.root) == "assume-role-with-web-identity"
+    exercise(store)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"AWS_PROFILE": "nobody"}, r"AWS_PROFILE 'nobody' is not a profile of .*credentials or .*config"),
+    ({"AWS_ACCESS_KEY_ID": "AKIDONLY"}, r"AWS credentials: PartialCredentialsError: .*AWS_SECRET_ACCESS_KEY"),
+])
+def test_misconfigured_credential_chain_is_one_line(monkeypatch, tmp_path, env, expected):
+    use_env(monkeypatch, chain_env(tmp_path, **env))
+    with pytest.raises(InputError, match=expected) as info:
+        Store("s3://bucket/x")
+    assert "\n" not in str(info.value) and "AKIDONLY" not in str(info.value)
+
+
+def test_wrong_credentials_are_one_line_at_the_bucket_check(moto_endpoint, monkeypatch):
+    """A key the endpoint does not know (moto checking IAM) is refused by the start-up check of the bucket."""
+    from moto.core.authorization import enable_iam_authentication
+
+    bucket = moto_endpoint.create_bucket()
+    use_env(monkeypatch, {**bucket_env(moto_endpoint.endpoint, bucket), "AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000"})
+    with enable_iam_authentication(), pytest.raises(StorageError, match=rf"access to bucket '{bucket}' denied") as info:
+        Store().check_writable()
+    assert "\n" not in str(info.value) and "AKIAUNKNOWNKEY000000" not in str(info.value)
+
+
+def test_job_env_hands_on_the_store_tracking_and_credential_chain_only():
+    env = {"BELLADONNA_STORE": "s3://b/p", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_PROFILE": "p",
+           "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/token", "AWS_ENDPOINT_URL_S3": "http://s3:9000",
+           "AWS_SECRET_ACCESS_KEY": "s", "HOME": "/root", "PREFECT_API_URL": "http://p/api", "BELLADONNA_EMPTY": ""}
+    assert job_env(env) == {k: env[k] for k in ("BELLADONNA_STORE", "MLFLOW_TRACKING_URI", "AWS_PROFILE",
+                                                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ENDPOINT_URL_S3",
+                                                 "AWS_SECRET_ACCESS_KEY")}
 
 
 def test_wrong_port_is_a_storage_error(monkeypatch):
