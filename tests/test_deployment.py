@@ -112,10 +112,3 @@ def test_nightly_schedule_is_a_valid_cron():
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(config):
     assert load_benchmark(config).name
-
-
-def test_ray_cluster_file_has_gpu_workers_and_installs_the_repo():
-    cluster = yaml.safe_load((ROOT / "infra" / "ray" / "cluster.yaml").read_text())
-    gpu = [t for t in cluster["available_node_types"].values() if t["resources"].get("GPU", 0) >= 1]
-    assert gpu and cluster["head_node_type"] in cluster["available_node_types"]
-    assert any("constraints.txt" in c for c in cluster["setup_commands"])
