@@ -56,6 +56,7 @@ def test_throughput_rows_on_digits():
     assert error_max["pct_of_matmul"] == pytest.approx(100 * error_max["gflop_per_s"] / 50.0, abs=0.2)
 
 
+@pytest.mark.slow
 def test_runner_writes_json_and_markdown(tmp_path):
     assert runner.main(["--only", "matmul", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

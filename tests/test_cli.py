@@ -32,6 +32,7 @@ def belladonna(*args: str) -> subprocess.CompletedProcess:
                           timeout=1200)
 
 
+@pytest.mark.slow
 def test_run_writes_results_and_audited_poison_sets(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)

@@ -161,6 +161,7 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@pytest.mark.slow
 def test_benchmark_record_on_a_real_mlflow_server(tmp_path):
     proc, url = start_mlflow_server(tmp_path)
     try:
@@ -190,6 +191,7 @@ seeds: [0, 1]
 """
 
 
+@pytest.mark.slow
 def test_summarize_records_the_cells_that_ran(tmp_path, monkeypatch):
     """The stages run in this process (no Prefect, no Ray), then the summarize task's body: every cell
     run spans its victim's training to its evaluation, carries the victim's history and its figures."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from mlflow import MlflowClient
 
 from flows.benchmark import benchmark
@@ -21,6 +22,7 @@ from tests.pipeline_helpers import TINY_BENCHMARK
 SECRET = "Zq9-very-secret-value-4711"
 
 
+@pytest.mark.slow
 def test_quickstart_flow_on_ray_with_s3_store_and_mlflow(prefect_server, fresh_ray, s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto accepts any secret; it must leak nowhere
     monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET + "-token")
@@ -79,6 +81,7 @@ def test_quickstart_flow_on_ray_with_s3_store_and_mlflow(prefect_server, fresh_r
         assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_the_missing_cell(prefect_server, fresh_ray, tmp_path):
     root = str(tmp_path / "store")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -96,6 +99,7 @@ def test_resume_recomputes_only_the_missing_cell(prefect_server, fresh_ray, tmp_
     assert third["computed"]["retrain"] == 1 and third["computed"]["craft"] == 0
 
 
+@pytest.mark.slow
 def test_defenses_in_the_pipeline_dpa_certificate_and_filters(prefect_server, fresh_ray, tmp_path):
     config = TINY_BENCHMARK.replace("seeds: [0, 1]", "seeds: [0]") + (
         "defenses: [{name: none}, {name: dpa, params: {k: 3}}, {name: trimmed_loss},"
@@ -129,6 +133,7 @@ seeds: [0]
 """
 
 
+@pytest.mark.slow
 def test_availability_coverage_curve_and_separability_table_in_mlflow(prefect_server, fresh_ray, tmp_path):
     """Attacks that differ only in budget give an accuracy-against-coverage figure; every availability
     attack's perturbations get a separability row (synthetic noise far more separable than random)."""

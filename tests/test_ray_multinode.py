@@ -16,6 +16,7 @@ def two_node_cluster(fresh_ray):
         yield cluster.gcs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(RAY is None, reason="ray CLI not on PATH")
 def test_cells_run_on_both_nodes(prefect_server, two_node_cluster, tmp_path):
     config = TINY_BENCHMARK + f"execution: {{ray_address: '{two_node_cluster}', num_cpus: 1}}\n"

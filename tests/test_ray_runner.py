@@ -15,17 +15,20 @@ from poison_core.errors import WorkerLost
 from tests.ray_toys import CFG, Counter, die_once, square, sum_of_squares_nested
 
 
+@pytest.mark.slow
 def test_ray_map_orders_results_and_nests(fresh_ray):
     assert ray_map(square, [((i,), {}) for i in range(6)], CFG) == [i * i for i in range(6)]
     assert ray_map(sum_of_squares_nested, [((4,), {})], CFG) == [14]
     assert job_map(CFG)(square, [(3,), (4,)]) == [9, 16]  # driver process under Ray: Ray tasks too
 
 
+@pytest.mark.slow
 def test_killed_worker_job_is_retried(fresh_ray, tmp_path):
     assert ray_map(die_once, [((str(tmp_path / "marker"), 7), {})], CFG) == [70]
     assert (tmp_path / "marker").read_text() == "died"
 
 
+@pytest.mark.slow
 def test_actor_group_more_workers_than_cpus_keeps_state(fresh_ray):
     ensure_ray(CFG)
     factory = ActorFactory(CFG)
@@ -37,6 +40,7 @@ def test_actor_group_more_workers_than_cpus_keeps_state(fresh_ray):
     assert group.actors == []
 
 
+@pytest.mark.slow
 def test_dead_actor_raises_worker_lost_instead_of_answering_from_a_fresh_state(fresh_ray):
     ensure_ray(CFG)
     group = ActorFactory(CFG)(Counter, [(0,), (5,)])

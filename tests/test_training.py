@@ -177,6 +177,7 @@ def test_predict_and_accuracy_agree(small) -> None:
     assert predict_logits(model, small.images[:0], device=CPU).shape == (0, 10)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(small) -> None:
     """TrainConfig.compile runs the same optimisation through torch.compile (TorchInductor on CPU
     needs a C++ compiler: .ci/run installs g++)."""
