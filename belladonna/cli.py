@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from belladonna.standing import app as standing_app
 from poison_core.errors import AuditError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -48,15 +49,10 @@ def _load(config: Optional[Path]):
 
 
 def _supervise(logs: Path, name: str) -> None:
-    """Around a flow: every log record to a file under `logs`, Ctrl-C stops within seconds (exit 130),
-    and nothing this command starts outlives it (belladonna.session)."""
-    import prefect  # noqa: F401  (Prefect configures logging on import; the log file goes on top of it)
-
+    """Around a flow: a log file, Ctrl-C within seconds, a watcher (belladonna.session.supervise)."""
     from belladonna import session
 
-    session.log_to_file(logs, name)
-    session.start_watcher()
-    session.on_interrupt(lambda line: err_console.print(line, markup=False, soft_wrap=True))
+    session.supervise(logs, name, lambda line: err_console.print(line, markup=False, soft_wrap=True))
 
 
 def _quiet_services() -> None:
@@ -74,15 +70,20 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
         out: Path = typer.Option(Path("runs"), help="Run folder: MLflow store, results.json, default store."),
         store: Optional[str] = typer.Option(None, help="Store root (path or s3://bucket/prefix); "
                                             "default: $BELLADONNA_STORE or OUT/store.")) -> None:
-    """Run a benchmark grid (every attack x defense x seed) as a Prefect flow on Ray."""
-    from infra.storage import Store
+    """Run a benchmark grid (every attack x defense x seed) as a Prefect flow on Ray.
 
+    The last line is the command's wall time. Uses OUT's standing services (`belladonna services
+    start`) while they answer."""
+    from belladonna import session, standing
+    from infra.storage import Store
     from tasks.preflight import preflight
 
+    timeline = session.Timeline()
     cfg = _load(config)
     target = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store"))
     preflight(cfg, target, out)
     root = target.root
+    used = standing.use_standing(out)
     _quiet_services()
     _supervise(out / "logs", cfg.name)
     from infra.services import start_services
@@ -91,15 +92,19 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     from flows.benchmark import benchmark
 
     services.wait()
-    yaml_text = _text(config)
+    timeline.mark("start-up")
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
-        result = benchmark(config=yaml_text, store=root, run_dir=str(out.resolve()))  # writes results.json
+        result = benchmark(config=_text(config), store=root, run_dir=str(out.resolve()))  # writes results.json
+    timeline.mark("flow")
     console.print(_table(result["summary"], title=f"{cfg.name}: mean over {len(cfg.seeds)} seed(s)"))
     counts = ", ".join(f"{k} {v}" for k, v in result["computed"].items())
     from infra.mlflow_runs import ui_message
 
-    console.print(f"computed (not reused): {counts}; {result['seconds']:.1f}s; store {root}", highlight=False)
+    using = "".join(f"; {name} {where} (belladonna services)" for name, where in used.items())
+    console.print(f"computed (not reused): {counts}; store {root}{using}", highlight=False)
     console.print(ui_message(cfg.name, out.resolve()), markup=False, highlight=False, soft_wrap=True)
+    timeline.mark("report")
+    session.finish(timeline, services.stop, lambda line: console.print(line, highlight=False))
 
 
 COLUMNS = ("attack", "defense", "n_seeds", "clean_acc", "baseline_clean_acc", "acc_drop", "asr", "baseline_asr",
@@ -109,7 +114,7 @@ COLUMNS = ("attack", "defense", "n_seeds", "clean_acc", "baseline_clean_acc", "a
 def _table(summary: list[dict[str, Any]], title: str) -> Table:
     """The results with plain column titles; each cell reads ``0.871 [0.842, 0.897] (n=3)``: the mean
     over seeds, its 95 % interval and the n it is over (poison_core.metrics.format_value)."""
-    from poison_core.metrics import SUMMARY_COLUMNS
+    from poison_core.metrics import SUMMARY_COLUMNS, format_value
 
     present = [c for c in COLUMNS if any(c in row for row in summary)]
     table = Table(title=title, caption="mean [95 % interval] (n: seeds; poison keys for targets hit)")
@@ -117,14 +122,8 @@ def _table(summary: list[dict[str, Any]], title: str) -> Table:
         table.add_column(SUMMARY_COLUMNS.get(c, c), justify="left" if c in ("attack", "defense") else "right",
                          no_wrap=c in ("attack", "defense"))
     for row in summary:
-        table.add_row(*[_fmt(row, c) for c in present])
+        table.add_row(*[format_value(row, c) for c in present])
     return table
-
-
-def _fmt(row: dict[str, Any], column: str) -> str:
-    from poison_core.metrics import format_value
-
-    return format_value(row, column)
 
 
 def _listing(kind: str) -> None:
@@ -144,9 +143,11 @@ def _listing(kind: str) -> None:
 
 stage_app = typer.Typer(help="Run one stage (and what it needs) as its own Prefect flow.")
 app.add_typer(stage_app, name="stage")
+app.add_typer(standing_app, name="services")
 
 
 def _stage(name: str, config: Path, store: Optional[str]) -> None:
+    from belladonna.standing import use_standing
     from infra.storage import Store
     from tasks.preflight import preflight
 
@@ -154,6 +155,7 @@ def _stage(name: str, config: Path, store: Optional[str]) -> None:
     cfg = _load(config)
     preflight(cfg, target)
     root = target.root
+    use_standing(Path("runs"))
     _quiet_services()
     _supervise(Path("runs") / "logs", f"{cfg.name}-{name}")
     from flows import benchmark as flows

@@ -41,6 +41,16 @@ def start_time(pid: int) -> int | None:
     return None if stat is None else stat[1]
 
 
+def age(pid: int) -> float | None:
+    """Seconds since `pid` started, from its start time in /proc (the kernel's boot-time clock, 10 ms
+    ticks): for this process, what the shell's ``time`` counts, interpreter start-up included. None
+    if it is gone or there is no /proc."""
+    start = start_time(pid)
+    if start is None:
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(root: int) -> dict[int, int]:
     """Every live descendant of `root` as {pid: start time}."""
     children: dict[int, list[int]] = {}

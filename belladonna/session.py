@@ -6,15 +6,19 @@
   interrupted and exits 130. Stage outputs are written atomically, so nothing is half-written and a
   rerun resumes from what was stored.
 * :mod:`belladonna.reaper` stops whatever the command started that is still running when it ends.
+* :class:`Timeline` and :func:`finish`: the last line a command prints is its whole wall time, from
+  its process's start (as the shell's ``time`` counts it) to after its teardown, split into phases.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,16 @@ class _OwnWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return (record.levelno >= logging.WARNING and record.name.split(".")[0] in OWN_LOGGERS
                 and not record.exc_info)
+
+
+def supervise(logs: Path, name: str, notice: Callable[[str], None]) -> None:
+    """Around a flow: every log record to a file under `logs`, Ctrl-C stops within seconds (exit 130,
+    `notice` gets its one line), and nothing this command starts outlives it."""
+    import prefect  # noqa: F401  (Prefect configures logging on import; the log file goes on top of it)
+
+    log_to_file(logs, name)
+    start_watcher()
+    on_interrupt(notice)
 
 
 def log_to_file(folder: Path, name: str) -> Path:
@@ -90,3 +104,42 @@ def on_interrupt(notice: Any) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+class Timeline:
+    """This command's wall time, from its process's start (read from /proc, so the interpreter's own
+    start-up and every import count) to now, in named phases: `mark(phase)` ends a phase."""
+
+    def __init__(self) -> None:
+        now = time.monotonic()
+        self.start = now - (reaper.age(os.getpid()) or 0.0)
+        self.phases: dict[str, float] = {}
+        self._last = self.start
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    def line(self) -> str:
+        """``wall time 18.4s (start-up 6.2s, flow 10.8s, report 0.2s, teardown 1.2s)``."""
+        parts = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.phases.items())
+        return f"wall time {time.monotonic() - self.start:.1f}s ({parts})"
+
+
+def finish(timeline: Timeline, teardown: Callable[[], None], notice: Callable[[str], None]) -> None:
+    """End a successful command: `teardown` (stop what it started: Ray, its Prefect server),
+    the exit handlers the libraries registered (:mod:`atexit`: what the interpreter would run after
+    the last line), then the command's wall time as the very last line, and exit 0.
+
+    The interpreter's own finalization is skipped (:func:`os._exit`): it destroys every object torch,
+    Prefect and MLflow created, one by one (measured: 0.3-5 s on a busy 2-core machine, after the
+    last line). By then there is nothing left for it to do: the services are stopped, the exit
+    handlers have run (log files closed) and the output is flushed."""
+    teardown()
+    atexit._run_exitfuncs()
+    timeline.mark("teardown")
+    notice(timeline.line())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -49,7 +49,9 @@ def ensure_ray(resources: ExecutionConfig) -> None:
         _probe(address, settings.ray_connect_timeout)
     for attempt in range(START_ATTEMPTS):
         try:
-            ray.init(address=address, **kwargs)
+            # "local": a new local instance, never a `ray start` cluster that happens to be recorded in
+            # /tmp/ray/ray_current_cluster (another user's, or a dead one); RAY_ADDRESS=auto joins that.
+            ray.init(address=address or "local", **kwargs)
             break
         except Exception as exc:  # Ray raises a bare Exception when its raylet misses a fixed 30 s start-up
             if address is not None or "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS - 1:
