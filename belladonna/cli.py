@@ -208,16 +208,13 @@ def report(run_folder: Path = typer.Argument(..., help="A run folder (OUT/NAME) 
 def audit(poisons: Path = typer.Argument(..., help="A PoisonSet Parquet file (local path or fsspec URI)."),
           config: Path = typer.Argument(..., help="The benchmark YAML whose dataset the poisons claim.")) -> None:
     """Audit a PoisonSet against the config's threat model for its attack and its clean training set."""
-    import numpy as np
-
     from poison_core.data import load_dataset
-    from poison_core.poisons import audit_file
+    from poison_core.poisons import additive_linf, audit_file
 
     cfg = _load(config)
     train = load_dataset(cfg.dataset).train
     ps, threat = audit_file(str(poisons), train, cfg)
-    clean = train.images[train.positions(ps.ids)].astype(np.int16)
-    linf = int(np.abs(ps.images.astype(np.int16) - clean).max()) if len(ps) else 0
+    linf = additive_linf(ps, train)  # from the colour-shifted base when the poisons have a colour part
     console.print(f"ok: {len(ps)} poisons of {len(train)} (budget {threat.budget}), L-inf {linf}/255 "
                   f"<= {threat.epsilon}/255, {int(ps.flipped.sum())} labels changed", highlight=False)
 

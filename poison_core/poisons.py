@@ -162,7 +162,7 @@ def _check_color(color: np.ndarray, channels: int, threat: ThreatModel) -> None:
 def _check_claims(poison_set: PoisonSet, train: ImageDataset, threat: ThreatModel) -> None:
     """The file's own claims against the reader's: its threat model and its clean dataset."""
     recorded, wanted = poison_set.threat.model_dump(), threat.model_dump()
-    differ = [f"{k} {recorded.get(k)!r} (expected {wanted.get(k)!r})" for k in sorted(set(wanted) | set(recorded))
+    differ = [f"{k} {recorded.get(k)!r} (expected {wanted.get(k)!r})" for k in dict.fromkeys([*wanted, *recorded])
               if recorded.get(k) != wanted.get(k)]
     if differ:
         raise AuditError(f"recorded threat model differs from the expected one: {', '.join(differ)}")
