@@ -271,7 +271,9 @@ def run_scratch_per_key(name: str, params: dict, scratch_setup, eps: int = 32, b
 
 def test_witches_brew_from_scratch(scratch_setup):
     """Measured (forest's lr rule, Gaussian start): adv prob raised over the noise control on 8/8 keys,
-    mean 0.272 vs 0.096 (noise) and 0.144 (clean); flips 2/8 vs 0/8 and 0/8."""
+    mean 0.272 vs 0.096 (noise) and 0.144 (clean); flips 2/8 vs 0/8 and 0/8. With issue 21's crafting
+    copy of the surrogate (same poisons to float32 rounding): 3/8 flips, 0.391 vs 0.147 noise, 0.204
+    clean. Over crafting seeds and at eps 16 / 1 %: benchmarks/results/efficacy.md."""
     result = run_scratch_per_key("witches_brew", {"steps": 100, "restarts": 1, "augment": False}, scratch_setup)
     assert_effect(result, factor=1.5, min_keys=7)
     assert result["attack"].success.sum() >= max(result["clean"].success.sum(), result["noise"].success.sum()) + 2
