@@ -48,6 +48,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.efficacy import noise_like, runner_up_keys, softmax
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.attacks._uint8 import delta_of
 from poison_core.attacks.metapoison import MetaPoisonParams, MetaPoisonWorker
@@ -86,23 +87,8 @@ class Arm:
                 f"{self.adv_prob.mean():.3f}, clean acc {self.clean_acc:.3f}")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
-def runner_up_keys(models: list, test: ImageDataset, n: int, seed: int, distinct: bool) -> list[tuple[int, int]]:
-    """n (target id, adversarial class): targets the models classify correctly, their runner-up class."""
-    probs = sum(softmax(predict_logits(m, test.images, device="cpu")) for m in models)
-    keys: list[tuple[int, int]] = []
-    for pos in np.random.default_rng(seed).permutation(len(test)):
-        order = np.argsort(probs[pos])
-        if order[-1] != test.labels[pos] or (distinct and int(order[-2]) in {a for _, a in keys}):
-            continue
-        keys.append((int(test.ids[pos]), int(order[-2])))
-        if len(keys) == n:
-            return keys
-    raise AssertionError(f"only {len(keys)} eligible targets")
 
 
 def craft(name: str, params: dict, train: ImageDataset, test: ImageDataset, models: list, key: tuple[int, int],
@@ -113,13 +99,6 @@ def craft(name: str, params: dict, train: ImageDataset, test: ImageDataset, mode
                                                         surrogates=models))
 
 
-def noise_like(ps: PoisonSet, train: ImageDataset, seed: int) -> PoisonSet:
-    """The random-noise control: uniform integer noise in [-eps, eps] on the same base images."""
-    eps = ps.threat.epsilon
-    clean = train.images[train.positions(ps.ids)].astype(np.int16)
-    noise = np.random.default_rng(seed).integers(-eps, eps + 1, size=clean.shape)
-    return PoisonSet(ids=ps.ids, images=np.clip(clean + noise, 0, 255).astype(np.uint8), orig_labels=ps.orig_labels,
-                     poison_labels=ps.poison_labels, threat=ps.threat, n_train=ps.n_train, targets=ps.targets)
 
 
 def merge(sets: list[PoisonSet]) -> PoisonSet:
