@@ -86,11 +86,72 @@ class TrainConfig(StrictModel):
     compile: bool = False
 
 
+class PretrainConfig(StrictModel):
+    """The source task of the `transfer` and `finetune` protocols: a supervised model of the victim's
+    architecture trained on another dataset (its images resized to the victim's image shape)."""
+
+    dataset: DatasetConfig
+    train: TrainConfig = TrainConfig()
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+
+class SSLConfig(StrictModel):
+    """The `simclr-linear` protocol's self-supervised pretraining: SimCLR (Chen et al., ICML 2020) on the
+    victim's (poisoned) training images without labels; head and recipe of TUE's SimCLR code
+    (projection 128, temperature 0.5, Adam lr 1e-3); epochs and batch sized for the CPU ConvNet."""
+
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=4, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    temperature: float = Field(0.5, gt=0, le=10)
+    projection_dim: int = Field(128, ge=2, le=4096)
+
+
+PROTOCOLS = ("supervised", "simclr-linear", "transfer", "finetune", "relabel")
+Protocol = Literal["supervised", "simclr-linear", "transfer", "finetune", "relabel"]
+
+
 class VictimConfig(StrictModel):
-    """A victim (or surrogate): an architecture and its training recipe."""
+    """A victim (or surrogate): an architecture, its training recipe and how it learns (`protocol`).
+
+    protocol (poison_core.protocols): `supervised` trains from scratch on the training labels;
+    `simclr-linear` pretrains the body with SimCLR on the training images (no labels, `ssl`) and
+    trains a linear probe on frozen features; `transfer` freezes a body pretrained on another dataset
+    (`pretrain`) and trains the linear head ('Just How Toxic', Schwarzschild et al., ICML 2021, Sec. 3);
+    `finetune` starts from that body and trains every layer; `relabel` trains from scratch on labels
+    the attacker did not know: the classes merged into `relabel_classes` groups by a seeded draw
+    (the label-agnostic victim of Unlearnable Clusters, Zhang et al., CVPR 2023). The protocol's
+    fields are left out of the dump for `supervised`, so such victims hash as they did before.
+    """
 
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    protocol: Protocol = "supervised"
+    pretrain: PretrainConfig | None = None
+    ssl: SSLConfig = SSLConfig()
+    relabel_classes: int = Field(2, ge=2, le=100_000)
+    relabel_seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _protocol_has_what_it_needs(self) -> "VictimConfig":
+        if self.protocol in ("transfer", "finetune") and self.pretrain is None:
+            raise ValueError(f"protocol {self.protocol!r} needs pretrain, a source dataset "
+                             "(e.g. pretrain: {dataset: {name: digits}})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_protocol_fields_only_when_used(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        used = {"supervised": (), "simclr-linear": ("ssl",), "transfer": ("pretrain",),
+                "finetune": ("pretrain",), "relabel": ("relabel_classes", "relabel_seed")}[self.protocol]
+        for name in ("protocol", "pretrain", "ssl", "relabel_classes", "relabel_seed"):
+            if name not in used and not (name == "protocol" and self.protocol != "supervised"):
+                data.pop(name, None)
+        return data
+
+    def supervised(self) -> "VictimConfig":
+        """This architecture and recipe under the plain supervised protocol (what a surrogate uses)."""
+        return VictimConfig(model=self.model, train=self.train)
 
 
 class TargetSelection(StrictModel):
@@ -241,8 +302,16 @@ class BenchmarkConfig(StrictModel):
     def threat_for(self, attack: AttackConfig) -> ThreatModel:
         return attack.threat or self.threat
 
+    @model_validator(mode="after")
+    def _surrogate_is_supervised(self) -> "BenchmarkConfig":
+        if self.surrogate is not None and self.surrogate.protocol != "supervised":
+            raise ValueError("surrogate.protocol: the attacker's surrogates train supervised; "
+                             "set the protocol on victim")
+        return self
+
     def surrogate_or_victim(self) -> VictimConfig:
-        return self.surrogate or self.victim
+        """The attacker's recipe: `surrogate`, else the victim's architecture and recipe, supervised."""
+        return self.surrogate or self.victim.supervised()
 
 
 def load_benchmark(source: str | Path) -> BenchmarkConfig:

@@ -24,6 +24,7 @@ from poison_core.evaluation import evaluate, summarize
 from poison_core.models import build_model
 from poison_core.models.io import state_checksum
 from poison_core.poisons import PoisonSet, apply, poison_mask
+from poison_core.protocols import check_goal, relabelled
 from poison_core.seeding import derive_seed
 from poison_core.training import train_model
 
@@ -75,7 +76,9 @@ def train_defended(cfg: BenchmarkConfig, defense: DefenseConfig, splits: Dataset
     """Train the victim under `defense` on the clean or poisoned training set."""
     train = splits.train if poison_set is None else apply(poison_set, splits.train)
     mask = None if poison_set is None else poison_mask(poison_set, splits.train)
-    ctx = DefenseContext(train=train, victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
+    if poison_set is not None:
+        check_goal(cfg.victim, poison_set.provenance.get("attack", "?"), poison_set.targets, poison_set.trigger)
+    ctx = DefenseContext(train=relabelled(train, cfg.victim), victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
                          device=device, is_poison=mask)
     return make_defense(defense.name, defense.params).fit(ctx)
 
@@ -108,8 +111,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, device: torch.device | None = None,
                 poisoned = train_defended(cfg, defense, splits, seed, device, poison_set)
                 result._tick("retrain", start)
                 start = time.perf_counter()
-                row = cell_row(attack.key, defense.key, seed, poisoned.classifier, clean.classifier, splits.test,
-                               poison_set, poisoned.info)
+                row = cell_row(attack.key, defense.key, seed, poisoned.classifier, clean.classifier,
+                               relabelled(splits.test, cfg.victim), poison_set, poisoned.info)
                 result._tick("evaluate", start)
                 result.rows.append(row)
                 if on_cell is not None:

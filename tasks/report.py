@@ -155,7 +155,7 @@ def _parent_tags(cfg: BenchmarkConfig, store: Store, dataset_checksum: str) -> d
     commit = _git_commit()
     return {"store": store.root, "git_commit": commit, "mlflow.source.git.commit": commit,
             "config_hash": content_hash(cfg.model_dump(mode="json")), "dataset_checksum": dataset_checksum,
-            "mlflow.user": getpass.getuser(), "benchmark": cfg.name}
+            "mlflow.user": getpass.getuser(), "benchmark": cfg.name, "victim_protocol": cfg.victim.protocol}
 
 
 def _description(cfg: BenchmarkConfig, markdown: str, computed: dict[str, int],
@@ -205,7 +205,7 @@ def _cell_record(store: Store, cfg: BenchmarkConfig, row: dict[str, Any], poison
     seconds = {f"seconds_{k}": o.seconds for k, o in (("craft", craft), ("retrain", retrain), ("evaluate", evaluate))
                if o is not None}
     tags = {"attack": attack, "defense": defense, "seed": str(seed), "family": family, "mlflow.user": getpass.getuser(),
-            "reused": "false" if timed else "true"}
+            "reused": "false" if timed else "true", "victim_protocol": cfg.victim.protocol}
     history = _history(store, row.get("model_id"))
     figs: dict[str, Any] = {}
     if (attack, seed) in grids:

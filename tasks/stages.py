@@ -34,6 +34,7 @@ from poison_core.models import build_model
 from poison_core.models.io import check_safetensors, load_state, save_model, state_checksum
 from poison_core.errors import AuditError, InputError
 from poison_core.poisons import PoisonSet, apply, poison_mask
+from poison_core.protocols import check_goal, relabelled
 from poison_core.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,9 @@ def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: Defe
     train, mask = splits.train, None
     if poisons is not None:
         poison_set = read_poisons(store, cfg, prefix, poisons, splits.train)
+        check_goal(cfg.victim, poison_set.provenance.get("attack", "?"), poison_set.targets, poison_set.trigger)
         train, mask = apply(poison_set, splits.train), poison_mask(poison_set, splits.train)
-    ctx = DefenseContext(train=train, victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
+    ctx = DefenseContext(train=relabelled(train, cfg.victim), victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
                          device=torch.device(device), is_poison=mask, map=job_map(cfg.execution))
     clock = _Compute()
     with clock():
@@ -288,7 +290,8 @@ def evaluate_cell(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack:
     clean, _ = _load_classifier(store, cfg, clean_model, splits, device)
     clock = _Compute()
     with clock():
-        row = cell_row(attack, defense, seed, poisoned, clean, splits.test, poison_set, info.get("info", {}))
+        row = cell_row(attack, defense, seed, poisoned, clean, relabelled(splits.test, cfg.victim), poison_set,
+                       info.get("info", {}))
     row.update({"poison_id": poisons, "model_id": model})
     store.write_bytes(key, json.dumps(row, sort_keys=True).encode())
     return _done(key, True, clock)

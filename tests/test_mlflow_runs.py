@@ -244,6 +244,7 @@ def test_summarize_records_the_cells_that_ran(tmp_path, monkeypatch):
         retrain, evaluate = models[key], cells[key]
         assert child.info.start_time == int(retrain.started * 1000) and child.info.end_time == int(evaluate.ended * 1000)
         assert tags["family"] == {"badnets": "backdoor", "label_flip": "availability"}[tags["attack"]]
+        assert tags["victim_protocol"] == parent.data.tags["victim_protocol"] == "supervised"
         assert child.data.params["threat.budget"] == {"badnets": "0.05", "label_flip": "0.2"}[tags["attack"]]
         figures_ = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert "figures/poisons.png" in figures_

@@ -138,10 +138,10 @@ class ABL(Defense):
     Params = ABLParams
 
     def fit(self, ctx: DefenseContext) -> DefenseResult:
-        from poison_core.models import build_model
+        from poison_core.protocols import build_victim
 
         p, train, recipe = self.params, ctx.train, ctx.victim.train
-        model = build_model(ctx.victim.model, train.image_shape, train.num_classes, seed=ctx.seed).to(ctx.device)
+        model = build_victim(ctx.victim, train, ctx.seed, ctx.device)
         rec = _LossRecorder(ctx.is_poison)
         everything = np.arange(len(train))
 

@@ -76,13 +76,13 @@ class AdversarialTraining(Defense):
     Params = AdversarialTrainingParams
 
     def fit(self, ctx: DefenseContext) -> DefenseResult:
-        from poison_core.models import build_model
+        from poison_core.protocols import build_victim
 
         p = self.params
         eps = p.epsilon / 255.0
         step = (p.step_size if p.step_size is not None else 2.5 * p.epsilon / p.steps) / 255.0
         data = ctx.train
-        model = build_model(ctx.victim.model, data.image_shape, data.num_classes, seed=ctx.seed).to(ctx.device)
+        model = build_victim(ctx.victim, data, ctx.seed, ctx.device)
 
         def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             return pgd_attack(model, x, y, gen, eps=eps, steps=p.steps, step_size=step,

@@ -155,10 +155,10 @@ def detection_scores(keep: np.ndarray, is_poison: np.ndarray | None) -> dict[str
 
 
 def train_victim(ctx: DefenseContext, data: ImageDataset, hooks=None) -> DefenseResult:
-    """Build the victim architecture (seeded) and train it on `data`: the shared training step."""
-    from poison_core.models import build_model
+    """Build the victim (seeded, under its protocol) and train it on `data`: the shared training step."""
+    from poison_core.protocols import build_victim
     from poison_core.training import train_model
 
-    model = build_model(ctx.victim.model, data.image_shape, data.num_classes, seed=ctx.seed).to(ctx.device)
+    model = build_victim(ctx.victim, data, ctx.seed, ctx.device)
     history = train_model(model, data, ctx.victim.train, device=ctx.device, seed=ctx.seed, hooks=hooks)
     return DefenseResult(ModelClassifier(model, ctx.device), history=list(history.epochs))

@@ -83,10 +83,10 @@ def _partitions(digests: list[bytes], k: int) -> np.ndarray:
 
 def train_one(victim: VictimConfig, data: ImageDataset, seed: int, device: str) -> dict[str, torch.Tensor]:
     """Train one base classifier on one partition; its CPU state dict (a module-level, picklable job)."""
-    from poison_core.models import build_model
+    from poison_core.protocols import build_victim
     from poison_core.training import train_model
 
-    model = build_model(victim.model, data.image_shape, data.num_classes, seed=seed)
+    model = build_victim(victim, data, seed, device)
     if len(data) >= MIN_PARTITION_SIZE:
         train_model(model, data, victim.train, device=device, seed=seed)
     else:
@@ -161,7 +161,7 @@ class DPA(Defense):
     Params = DPAParams
 
     def fit(self, ctx: DefenseContext) -> DefenseResult:
-        from poison_core.models import build_model
+        from poison_core.protocols import victim_skeleton
 
         k, train = self.params.k, ctx.train
         victim = ctx.victim
@@ -180,7 +180,7 @@ class DPA(Defense):
         states = _largest_first(ctx.map, calls, sizes)
         models = []
         for state in states:
-            model = build_model(victim.model, train.image_shape, train.num_classes, seed=0)
+            model = victim_skeleton(victim, train.image_shape, train.num_classes)
             model.load_state_dict(state)
             models.append(model.to(ctx.device).eval())
         info = {"k": float(k), "partition_min_size": float(min(sizes)), "partition_max_size": float(max(sizes)),

@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 
 def feature_model(ctx: DefenseContext) -> nn.Module:
     """The victim architecture trained on all of ctx.train with the victim recipe and seed (eval mode)."""
-    from poison_core.models import build_model
+    from poison_core.protocols import build_victim
     from poison_core.training import train_model
 
     data = ctx.train
-    model = build_model(ctx.victim.model, data.image_shape, data.num_classes, seed=ctx.seed).to(ctx.device)
+    model = build_victim(ctx.victim, data, ctx.seed, ctx.device)
     train_model(model, data, ctx.victim.train, device=ctx.device, seed=ctx.seed)
     return model.eval()
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from poison_core.config import VictimConfig
 from poison_core.defenses.base import Classifier, EnsembleClassifier, ModelClassifier
-from poison_core.models import build_model
+from poison_core.protocols import victim_skeleton
 from poison_core.models.io import load_state, read_metadata, save_model
 from poison_core.io import read_bytes
 
@@ -35,7 +35,7 @@ def load_classifier(uri: str, victim: VictimConfig, image_shape: tuple[int, int,
     """Rebuild what save_classifier wrote; returns (classifier, defense info)."""
     meta = read_metadata(read_bytes(uri, storage_options))
     members = int(meta.get("members", "1"))
-    models = [build_model(victim.model, image_shape, num_classes, seed=0) for _ in range(members)]
+    models = [victim_skeleton(victim, image_shape, num_classes) for _ in range(members)]
     module: nn.Module = models[0] if meta.get("kind", "single") == "single" else nn.ModuleList(models)
     load_state(module, uri, storage_options)
     for model in models:
