@@ -34,6 +34,10 @@ def check_benchmark(cfg: BenchmarkConfig, splits: DatasetSplits) -> None:
             except InputError as exc:
                 raise type(exc)(f"{field}.model: {exc} (dataset {cfg.dataset.name!r}: "
                                 f"{train.num_classes} classes, images {train.image_shape})") from None
+    if cfg.victim.protocol == "relabel":
+        from poison_core.protocols import relabel_map
+
+        relabel_map(train.num_classes, cfg.victim.relabel_classes, cfg.victim.relabel_seed)
     for attack in cfg.attacks:
         field = f"attacks.{attack.key}"
         threat = cfg.threat_for(attack)

@@ -141,6 +141,10 @@ CASES = [
     ("out-is-a-file", None, ["run", "{tmp}/base.yaml", "--out", "{tmp}/base.yaml"], "--out"),
     ("validate-finds-budget", None, ["validate", "{tmp}/tiny-budget.yaml"], "threat.budget"),
     ("report-missing", None, ["report", "{tmp}/nowhere"], "has no results.json"),
+    ("protocol-unknown", BASE + "victim: {protocol: moco}\n", [], "victim.protocol: Input should be"),
+    ("transfer-without-source", BASE + "victim: {protocol: transfer}\n", [], "protocol 'transfer' needs pretrain"),
+    ("relabel-as-many-groups-as-classes", BASE + "victim: {protocol: relabel, relabel_classes: 10}\n", [],
+     "victim.relabel_classes: 10 must be below the dataset's 10 classes"),
 ]
 
 
