@@ -61,6 +61,10 @@ CASES: dict[str, tuple[dict[str, Any], ThreatModel]] = {
     "random_labels": ({}, DIRTY),
     "badnets": ({}, DIRTY),
     "blend": ({}, DIRTY),
+    "sig": ({}, AVAILABILITY),
+    "wanet": ({}, DIRTY),
+    "bullseye_polytope": ({"steps": 200, "lr": 0.04}, TARGETED),
+    "hidden_trigger": ({"steps": 200, "lr": 0.01, "source_class": 1, "target_class": 0}, TARGETED),
 }
 
 

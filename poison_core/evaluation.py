@@ -1,10 +1,11 @@
 """Evaluate a trained classifier against a PoisonSet's goal, and summarise cells over seeds.
 
 For every cell the metrics are: clean test accuracy; for backdoors the attack success rate on
-triggered test images of other classes; for class-pair flips the rate at which source-class test
-images are classified as the target class; for targeted attacks the per-target success and the
-adversarial-class probability. The same function applied to the clean victim gives the
-no-poison baseline (`baseline_*`), as DESIGN.md asks for every cell.
+triggered test images of other classes (of the trigger's `source_class` only, when it names one);
+for class-pair flips the rate at which source-class test images are classified as the target class;
+for targeted attacks the per-target success and the adversarial-class probability. The same
+function applied to the clean victim gives the no-poison baseline (`baseline_*`), as DESIGN.md
+asks for every cell.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def evaluate(classifier: Classifier, test: ImageDataset, poison_set: PoisonSet |
         return out
     goal = poison_set.targets or {}
     if poison_set.trigger is not None:
-        triggered = apply_trigger(poison_set.trigger, test.images)
+        source = poison_set.trigger.get("source_class")
+        keep = np.ones(len(test), dtype=bool) if source is None else test.labels == int(source)
+        triggered = apply_trigger(poison_set.trigger, test.images[keep])
         tpred = classifier.predict_logits(triggered).argmax(axis=1)
-        out["asr"] = metrics.attack_success_rate(tpred, test.labels, int(poison_set.trigger["target_class"]))
+        out["asr"] = metrics.attack_success_rate(tpred, test.labels[keep], int(poison_set.trigger["target_class"]))
     if goal.get("kind") == "class_pair":
         src = test.labels == goal["source_class"]
         out["pair_flip_rate"] = float(np.mean(pred[src] == goal["target_class"])) if src.any() else float("nan")
