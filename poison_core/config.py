@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-import annotated_types as at
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
                       field_validator, model_serializer, model_validator)
 
+from poison_core.config_errors import format_validation_error
 from poison_core.errors import ConfigError, InputError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -345,61 +345,3 @@ def _read_yaml_text(source: str | Path) -> str:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     return path.read_text(encoding="utf-8")
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
-    """One line: `field.path: message (allowed: bounds; got value)` [+ count of further errors]."""
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or model.__name__
-    msg = first["msg"].removeprefix("Value error, ")
-    details = []
-    bounds = _bounds_text(model, first["loc"])
-    if bounds and first["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
-        details.append(f"allowed: {bounds}")
-    if first["type"] not in {"missing", "value_error", "assertion_error"} and "input" in first:
-        value = first["input"]
-        if not isinstance(value, (dict, list)):
-            details.append(f"got {value!r}")
-    line = f"{loc}: {msg}" + (f" ({'; '.join(details)})" if details else "")
-    if len(errors) > 1:
-        line += f" [+{len(errors) - 1} more]"
-    return line.replace("\n", " ")
-
-
-def _bounds_text(model: type[BaseModel], loc: tuple) -> str:
-    """Human bounds of the field at `loc`, read from its Field(ge/gt/le/lt) metadata."""
-    current: Any = model
-    info = None
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(part, str) and isinstance(current, type) and issubclass(current, BaseModel):
-            info = current.model_fields.get(part)
-            if info is None:
-                return ""
-            current = info.annotation
-        elif isinstance(part, int) and get_origin(current) in (tuple, list):
-            current = get_args(current)[0]
-        else:
-            return ""
-    if info is None:
-        return ""
-    name = str(loc[-1]) if isinstance(loc[-1], str) else str(loc[-2])
-    lower = upper = ""
-    for meta in info.metadata:
-        if isinstance(meta, at.Ge):
-            lower = f"{meta.ge} <= "
-        elif isinstance(meta, at.Gt):
-            lower = f"{meta.gt} < "
-        elif isinstance(meta, at.Le):
-            upper = f" <= {meta.le}"
-        elif isinstance(meta, at.Lt):
-            upper = f" < {meta.lt}"
-    return f"{lower}{name}{upper}" if lower or upper else ""
-
-
-def _unwrap(tp: Any) -> Any:
-    if get_origin(tp) is Union or str(get_origin(tp)) == "<class 'types.UnionType'>":
-        args = [a for a in get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
