@@ -24,9 +24,11 @@ from tests.helpers import tiny_dataset
 MLP = VictimConfig(model=ModelConfig(name="mlp", width=16), train=TrainConfig(epochs=1, batch_size=32))
 CONV = VictimConfig(model=ModelConfig(name="convnet", width=4), train=TrainConfig(epochs=1, batch_size=32))
 SMALL = {"dpa": {"k": 3}, "abl": {"isolation_epochs": 1, "finetune_epochs": 1, "unlearning_epochs": 1},
-         "adversarial_training": {"steps": 1}}
+         "adversarial_training": {"steps": 1}, "ueraser": {"repeats": 2}, "strip": {"n_overlays": 4},
+         "neural_cleanse": {"epochs": 2, "n_samples": 32}}
 EXPECTED = {"none", "trimmed_loss", "dpa", "abl", "mixup", "cutmix", "cutout", "gaussian", "adversarial_training",
-            "spectral_signatures", "activation_clustering", "deep_knn"}
+            "spectral_signatures", "activation_clustering", "deep_knn", "dp_sgd", "iss_jpeg", "iss_grayscale",
+            "iss_bitdepth", "ueraser", "strip", "neural_cleanse"}
 
 
 def _ctx(victim=MLP, n=96, seed=0, poison=True, **kw):
@@ -35,10 +37,15 @@ def _ctx(victim=MLP, n=96, seed=0, poison=True, **kw):
     return DefenseContext(train=data, victim=victim, seed=seed, is_poison=mask, **kw)
 
 
-def _predict(name, params=None, **kw):
+def _fit(name, params=None, **kw):
+    """The logits on the training images and the info of `name` fitted on a tiny context."""
     ctx = _ctx(**kw)
-    return make_defense(name, params if params is not None else SMALL.get(name)).fit(ctx).classifier.predict_logits(
-        ctx.train.images)
+    result = make_defense(name, params if params is not None else SMALL.get(name)).fit(ctx)
+    return result.classifier.predict_logits(ctx.train.images), result.info
+
+
+def _predict(name, params=None, **kw):
+    return _fit(name, params, **kw)[0]
 
 
 def test_every_defense_of_the_brief_is_registered_with_paper_and_summary():
@@ -70,6 +77,18 @@ BAD_PARAMS = [
     ("adversarial_training", "step_size", 0.0),
     ("spectral_signatures", "removal_fraction", 1.0), ("activation_clustering", "n_components", 0),
     ("activation_clustering", "size_threshold", 0.6), ("deep_knn", "k", 0),
+    ("dp_sgd", "clip_norm", 0.0), ("dp_sgd", "clip_norm", 1e5), ("dp_sgd", "noise_multiplier", -0.1),
+    ("dp_sgd", "noise_multiplier", 101), ("iss_jpeg", "quality", 0), ("iss_jpeg", "quality", 96),
+    ("iss_bitdepth", "bits", 0), ("iss_bitdepth", "bits", 8), ("ueraser", "repeats", 0),
+    ("ueraser", "repeats", 33), ("ueraser", "adversarial_fraction", 1.5), ("ueraser", "erasing", -0.1),
+    ("strip", "n_overlays", 0), ("strip", "n_overlays", 1001), ("strip", "alpha", 0.0), ("strip", "alpha", 1.0),
+    ("strip", "frr", 0.0), ("strip", "frr", 0.5), ("strip", "removal_fraction", 1.0),
+    ("neural_cleanse", "epochs", 0), ("neural_cleanse", "epochs", 1001), ("neural_cleanse", "n_samples", 1),
+    ("neural_cleanse", "batch_size", 0), ("neural_cleanse", "lr", 0.0), ("neural_cleanse", "init_cost", 0.0),
+    ("neural_cleanse", "cost_multiplier", 1.0), ("neural_cleanse", "patience", 0),
+    ("neural_cleanse", "attack_success", 1.5), ("neural_cleanse", "anomaly_threshold", 0.0),
+    ("neural_cleanse", "unlearn_fraction", 0.0), ("neural_cleanse", "stamp_fraction", 1.5),
+    ("neural_cleanse", "unlearn_epochs", 0), ("neural_cleanse", "unlearn_lr", 0.0),
 ]
 
 
@@ -99,14 +118,15 @@ def test_paper_defaults():
 
 
 @pytest.mark.parametrize("name", ["trimmed_loss", "mixup", "cutmix", "cutout", "gaussian", "abl",
-                                  "adversarial_training"])
+                                  "adversarial_training", "dp_sgd", "iss_jpeg", "iss_grayscale", "iss_bitdepth",
+                                  "ueraser", "strip", "neural_cleanse"])
 def test_same_seed_same_predictions_other_seed_other_predictions(name):
-    first, again = _predict(name, victim=CONV, seed=3), _predict(name, victim=CONV, seed=3)
-    assert np.array_equal(first, again)
+    (first, info), (again, info_again) = _fit(name, victim=CONV, seed=3), _fit(name, victim=CONV, seed=3)
+    assert np.array_equal(first, again) and info == info_again
     assert not np.array_equal(first, _predict(name, victim=CONV, seed=4))
 
 
-@pytest.mark.parametrize("name", ["trimmed_loss", "abl"])
+@pytest.mark.parametrize("name", ["trimmed_loss", "abl", "strip", "neural_cleanse"])
 def test_ground_truth_is_only_reported_never_used(name):
     assert np.array_equal(_predict(name, victim=CONV, poison=True), _predict(name, victim=CONV, poison=False))
 

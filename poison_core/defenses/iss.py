@@ -22,7 +22,7 @@ epoch; every squeeze here is deterministic, so squeezing once is the same.
 from __future__ import annotations
 
 import io
-from abc import abstractmethod
+from typing import Callable, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -32,6 +32,7 @@ from poison_core.defenses.base import (Defense, DefenseContext, DefenseParams, D
                                        train_victim)
 
 LUMA_16 = np.array([19595, 38470, 7471], dtype=np.int64)  # PIL's 16-bit fixed-point 601-2 weights
+PAPER = "Liu, Zhao & Larson, ICML 2023, Image Shortcut Squeezing"
 
 
 def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
@@ -63,11 +64,16 @@ def reduce_bit_depth(images: np.ndarray, bits: int) -> np.ndarray:
 
 
 class SqueezeDefense(Defense):
-    """Squeeze every training image once, then train the victim normally; test images stay as they are."""
+    """Squeeze every training image once, then train the victim normally; test images stay as they are.
 
-    @abstractmethod
+    A member names its squeeze function, called as ``squeezer(images, **params)``: the fields of its
+    Params are that function's keyword arguments."""
+
+    squeezer: ClassVar[Callable[..., np.ndarray]]
+
     def squeeze(self, images: np.ndarray) -> np.ndarray:
         """The squeezed uint8 (N, H, W, C) images."""
+        return self.squeezer(images, **self.params.model_dump())
 
     def fit(self, ctx: DefenseContext) -> DefenseResult:
         squeezed = self.squeeze(ctx.train.images)
@@ -101,12 +107,10 @@ class IssJpeg(SqueezeDefense):
     """JPEG-compress every training image at a low quality (Liu et al. 2023, Sec. 4, JPEG-10)."""
 
     name = "iss_jpeg"
-    paper = "Liu, Zhao & Larson, ICML 2023, Image Shortcut Squeezing (JPEG compression)"
+    paper = f"{PAPER} (JPEG compression)"
     summary = "training: JPEG-compress the training images once (quality 10), then train normally"
     Params = JpegParams
-
-    def squeeze(self, images: np.ndarray) -> np.ndarray:
-        return jpeg_round_trip(images, self.params.quality)
+    squeezer = staticmethod(jpeg_round_trip)
 
 
 @register_defense
@@ -114,12 +118,10 @@ class IssGrayscale(SqueezeDefense):
     """Grayscale every training image (Liu et al. 2023, Sec. 4); the identity on 1-channel data."""
 
     name = "iss_grayscale"
-    paper = "Liu, Zhao & Larson, ICML 2023, Image Shortcut Squeezing (grayscale compression)"
+    paper = f"{PAPER} (grayscale compression)"
     summary = "training: grayscale the training images once (identity on 1-channel data), then train normally"
     Params = GrayscaleParams
-
-    def squeeze(self, images: np.ndarray) -> np.ndarray:
-        return grayscale(images)
+    squeezer = staticmethod(grayscale)
 
 
 @register_defense
@@ -127,9 +129,7 @@ class IssBitDepth(SqueezeDefense):
     """Reduce every training image's bit depth (the reference's BDR squeeze, Liu et al. 2023)."""
 
     name = "iss_bitdepth"
-    paper = "Liu, Zhao & Larson, ICML 2023, Image Shortcut Squeezing (bit-depth reduction)"
+    paper = f"{PAPER} (bit-depth reduction)"
     summary = "training: keep the top bits of each training pixel (2 of 8), then train normally"
     Params = BitDepthParams
-
-    def squeeze(self, images: np.ndarray) -> np.ndarray:
-        return reduce_bit_depth(images, self.params.bits)
+    squeezer = staticmethod(reduce_bit_depth)
