@@ -65,6 +65,8 @@ CASES: dict[str, tuple[dict[str, Any], ThreatModel]] = {
     "wanet": ({}, DIRTY),
     "bullseye_polytope": ({"steps": 200, "lr": 0.04}, TARGETED),
     "hidden_trigger": ({"steps": 200, "lr": 0.01, "source_class": 1, "target_class": 0}, TARGETED),
+    "sleeper_agent": ({"steps": 100, "retrain_every": 50, "retrain": {"epochs": 2}, "source_class": 1,
+                       "target_class": 0}, TARGETED),
 }
 
 

@@ -4,8 +4,9 @@ trigger is pasted at a random location of a source image; the reference's `finet
 draws every location with `random.randint` after `random.seed(1)`).
 
 Spec fields: `size` (side in pixels), `pattern` ('noise': uniform random colours drawn from
-`pattern_seed`, like the paper's random-pattern trigger images; 'checkerboard' or 'white': the
-`patch` kind's patterns), `location_seed` (the i-th image's top-left corner is the i-th draw of
+`pattern_seed`, like the paper's random-pattern trigger images; 'bernoulli': every pixel and channel
+0 or 255 with probability 1/2, Sleeper Agent's patch (Souri et al., NeurIPS 2022; the reference's
+`_create_patch`); 'checkerboard' or 'white': the `patch` kind's patterns), `location_seed` (the i-th image's top-left corner is the i-th draw of
 numpy's generator seeded with it, uniform over every position where the patch fits), `epsilon`
 (each pixel moves by at most this many grey levels towards the pattern; 255, the default, pastes the
 patch). Same spec and image count -> same locations and the same bytes.
@@ -22,13 +23,16 @@ import numpy as np
 from poison_core.errors import ConfigError
 from poison_core.triggers import TRIGGERS, patch_pattern
 
-PATTERNS = ("noise", "checkerboard", "white")
+PATTERNS = ("noise", "bernoulli", "checkerboard", "white")
 
 
 def random_patch_pattern(size: int, channels: int, pattern: str, pattern_seed: int = 0) -> np.ndarray:
     """The (size, size, channels) uint8 patch of a `random_patch` spec."""
     if pattern == "noise":
         return np.random.default_rng(int(pattern_seed)).integers(0, 256, size=(size, size, channels), dtype=np.uint8)
+    if pattern == "bernoulli":
+        bits = np.random.default_rng(int(pattern_seed)).integers(0, 2, size=(size, size, channels), dtype=np.uint8)
+        return bits * np.uint8(255)
     if pattern not in PATTERNS:
         raise ConfigError(f"trigger.pattern: {pattern!r} is not one of {', '.join(PATTERNS)}")
     return patch_pattern(size, channels, pattern)

@@ -1,4 +1,5 @@
-"""Crafting checkpoints (issue 7): Witches' Brew, MetaPoison and error-minimising noise save their
+"""Crafting checkpoints (issue 7): Witches' Brew, MetaPoison, Sleeper Agent (whose checkpoint after step 2
+holds the models it retrained at step 1) and error-minimising noise save their
 state every N steps; a craft interrupted after a save and started again resumes there and ends
 byte-identical to an undisturbed craft; a lost MetaPoison worker rebuilds the ensemble from the
 last checkpoint; and a Ray worker SIGKILLed in the middle of a Witches' Brew restart is retried by
@@ -62,6 +63,7 @@ def surrogate(one_thread):
 CASES = {
     "witches_brew": ({"steps": 8, "restarts": 2}, TARGETED),
     "metapoison": ({"steps": 6, "n_models": 2, "stagger_epochs": 2, "batch_size": 16, "epoch_batches": 2}, TARGETED),
+    "sleeper_agent": ({"steps": 6, "retrain_every": 1, "retrain": {"epochs": 1, "batch_size": 64}}, CLEAN),
     "error_min": ({"width": 4, "max_rounds": 5, "train_steps": 2, "steps": 2, "stop_accuracy": 1.0}, CLEAN),
 }
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -152,57 +153,98 @@ def ensemble_alignment(models: Sequence[nn.Module], target_grads: Sequence[Seque
     return torch.stack(losses).mean()
 
 
+@dataclass
+class Brew:
+    """The perturbation of one restart and its signAdam optimiser (forest's `_run_trial`), shared by Witches'
+    Brew and Sleeper Agent: Adam optimises u = Delta / data_std ('forest') or Delta itself ('eps_scaled')."""
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    scale: torch.Tensor
+    delta: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    batches: list[slice]
+    shift: int | None
+    epsilon: int
+
+    @classmethod
+    def start(cls, bases: np.ndarray, labels: np.ndarray, params: WitchesBrewParams, epsilon: int, n_models: int,
+              gen: torch.Generator, data_std: Sequence[float] | None = None) -> Brew:
+        """The restart's start: `initial_delta`, Adam at `step_size`, forest's lr milestones. `data_std`
+        (None: params.data_std, else the bases' std) is the normalisation the forest lr rule is expressed in."""
+        device = gen.device
+        x0 = to_tensor(bases, device)
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        std = data_std or params.data_std or channel_std(bases)
+        if len(std) != x0.shape[1]:
+            raise ValueError(f"data_std has {len(std)} channels, the images {x0.shape[1]}")
+        scale = (torch.tensor(std, dtype=x0.dtype, device=device).view(1, -1, 1, 1) if params.lr_rule == "forest"
+                 else torch.ones((1, 1, 1, 1), dtype=x0.dtype, device=device))
+        delta = (initial_delta(x0, radius(epsilon), gen, params.init) / scale).requires_grad_(True)  # u = Delta / ds
+        optimizer = torch.optim.Adam([delta], lr=step_size(params, epsilon, n_models), weight_decay=0)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(params.steps), gamma=0.1)
+        shift = default_shift(bases.shape[1]) if params.max_shift is None else params.max_shift
+        return cls(x0, y, scale, delta, optimizer, scheduler, batch_slices(len(bases), params.batch_size),
+                   shift if params.augment else None, epsilon)
+
+    def loop_state(self, gen: torch.Generator, modules: dict[str, nn.Module] | None = None) -> LoopState:
+        return LoopState(tensors={"delta": self.delta}, optimizers={"adam": self.optimizer},
+                         schedulers={"lr": self.scheduler}, generator=gen, modules=modules or {})
+
+    def step(self, views: Sequence[nn.Module], target_grads: Sequence[Sequence[torch.Tensor]],
+             gen: torch.Generator) -> float:
+        """One signed Adam step on Eq. (3) over every batch, then the projection onto the eps-ball and the
+        pixel box; returns the mean alignment loss before the step."""
+        grad, total = alignment_gradient(views, target_grads, self.x0, self.y, self.delta, self.scale, self.batches,
+                                         gen, self.shift)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.delta.grad = grad.sign()
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.delta.copy_(project(self.delta * self.scale, self.x0, radius(self.epsilon)) / self.scale)
+        return float(total) / len(self.batches)
+
+    def poisoned(self, bases: np.ndarray) -> np.ndarray:
+        """The uint8 poisons as stored."""
+        return quantize(bases, self.delta.detach() * self.scale, self.epsilon)
+
+    def final_loss(self, views: Sequence[nn.Module], target_grads: Sequence[Sequence[torch.Tensor]],
+                   poisoned: np.ndarray, bases: np.ndarray) -> float:
+        """Eq. (3) without augmentation on the stored uint8 poisons, averaged over the batches."""
+        x = self.x0 + delta_of(poisoned, bases).to(self.x0.device)
+        return float(np.mean([final_alignment(views, target_grads, x, self.y, batch) for batch in self.batches]))
+
+
 def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.ndarray, target: np.ndarray,
                 adversarial_class: int, params: WitchesBrewParams, epsilon: int, seed: int,
                 checkpoint: Checkpointer | None = None,
                 data_std: Sequence[float] | None = None) -> tuple[float, np.ndarray]:
     """One restart of the brew: returns (final alignment loss, uint8 poisoned bases). Module-level
     and free of shared state, so orchestration can run it as a remote task; with a checkpoint it
-    resumes from the last saved step. `data_std` (None: params.data_std, else the bases' std) is the
-    normalisation the forest lr rule is expressed in; Adam optimises u = Delta / data_std."""
+    resumes from the last saved step (see `Brew.start` for `data_std`)."""
     device = next(surrogates[0].parameters()).device
     views = [crafting_view(m.eval()) for m in surrogates]
     gen = torch.Generator(device=device).manual_seed(seed)
-    eps = radius(epsilon)
-    x0 = to_tensor(bases, device)
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
     x_t = to_tensor(target, device)
     y_t = torch.full((len(target),), int(adversarial_class), dtype=torch.long, device=device)
     target_grads = [[g.detach() for g in parameter_gradient(v, x_t, y_t, create_graph=False)] for v in views]
-    std = data_std or params.data_std or channel_std(bases)
-    if len(std) != x0.shape[1]:
-        raise ValueError(f"data_std has {len(std)} channels, the images {x0.shape[1]}")
-    scale = (torch.tensor(std, dtype=x0.dtype, device=device).view(1, -1, 1, 1) if params.lr_rule == "forest"
-             else torch.ones((1, 1, 1, 1), dtype=x0.dtype, device=device))
-    delta = (initial_delta(x0, eps, gen, params.init) / scale).requires_grad_(True)  # u = Delta / ds
-    optimizer = torch.optim.Adam([delta], lr=step_size(params, epsilon, len(views)), weight_decay=0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(params.steps), gamma=0.1)
-    shift = default_shift(bases.shape[1]) if params.max_shift is None else params.max_shift
-    batches = batch_slices(len(bases), params.batch_size)
-    loop = LoopState(tensors={"delta": delta}, optimizers={"adam": optimizer}, schedulers={"lr": scheduler},
-                     generator=gen)
+    brew = Brew.start(bases, labels, params, epsilon, len(views), gen, data_std)
+    loop = brew.loop_state(gen)
     done, extra = resume_loop(checkpoint, loop)
     resumes = int(extra.get("resumes", 0)) + 1 if done else 0
     for step in range(done, params.steps):
-        grad, total = _loss_gradient(views, target_grads, x0, y, delta, scale, batches, gen,
-                                     shift if params.augment else None)
-        optimizer.zero_grad(set_to_none=True)
-        delta.grad = grad.sign()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            delta.copy_(project(delta * scale, x0, eps) / scale)
+        loss = brew.step(views, target_grads, gen)
         if step % 50 == 0:
-            logger.debug("witches_brew seed %d step %d alignment loss %.4f", seed, step, float(total) / len(batches))
+            logger.debug("witches_brew seed %d step %d alignment loss %.4f", seed, step, loss)
         if checkpoint is not None and checkpoint.due(step + 1):
             save_loop(checkpoint, step + 1, loop, {"resumes": resumes})
-    poisoned = quantize(bases, delta.detach() * scale, epsilon)
-    final = float(np.mean([_final_loss(views, target_grads, x0 + delta_of(poisoned, bases).to(device), y, batch)
-                           for batch in batches]))
-    return final, poisoned
+    poisoned = brew.poisoned(bases)
+    return brew.final_loss(views, target_grads, poisoned, bases), poisoned
 
 
-def _loss_gradient(views: Sequence[nn.Module], target_grads: Sequence[Sequence[torch.Tensor]], x0: torch.Tensor,
+def alignment_gradient(views: Sequence[nn.Module], target_grads: Sequence[Sequence[torch.Tensor]], x0: torch.Tensor,
                    y: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, batches: Sequence[slice],
                    gen: torch.Generator, shift: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """d(Eq. 3)/d delta of every batch (each batch's gradient is zero outside it, so they add up
@@ -222,7 +264,7 @@ def _loss_gradient(views: Sequence[nn.Module], target_grads: Sequence[Sequence[t
     return grad, total
 
 
-def _final_loss(models: Sequence[nn.Module], target_grads: Sequence[Sequence[torch.Tensor]], x: torch.Tensor,
+def final_alignment(models: Sequence[nn.Module], target_grads: Sequence[Sequence[torch.Tensor]], x: torch.Tensor,
                 y: torch.Tensor, batch: slice) -> float:
     x = x[batch].detach().requires_grad_(True)
     return float(ensemble_alignment(models, target_grads, x, y[batch]).detach())
