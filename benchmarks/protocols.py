@@ -2,10 +2,13 @@
 seeds, the direction of Ren et al.'s TUE table (ICLR 2023, Table 1: error-minimising noise stops a
 supervised victim but barely a SimCLR one; TUE hurts both). Writes ``<out>/protocols.json`` (merged
 across runs, one entry per attack, protocol and seed) and ``<out>/protocols.md``; with
-``--mlflow-uri`` also one MLflow run holding the table (params: the setting; metrics:
-``<attack>.<protocol>.acc_mean``; artifact: ``protocols.md``).
+``--mlflow-uri`` also one MLflow run holding the whole stored table (experiment ``--experiment``,
+default ``belladonna-protocols``; params: the setting; metrics: ``<attack>.<protocol>.acc_mean``,
+``.acc_std``, ``.n_seeds``; artifact: ``protocols.md``); ``--log-only`` logs the stored table without
+measuring anything.
 
     python3 -m benchmarks.protocols --attacks clean random_noise error_min_class tue --seeds 0 1
+    python3 -m benchmarks.protocols --log-only --mlflow-uri sqlite:///runs/protocols/mlflow.db
 
 Setting: Fashion-MNIST, 4,000 training / 2,000 test images (DatasetConfig seed 0), eps 8/255, 100 %
 coverage; victims are the width-16 ConvNet with the recipe of the availability efficacy test (8
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from poison_core.config import DatasetConfig, SSLConfig, ThreatModel, VictimConf
 from poison_core.data import load_dataset
 from poison_core.data.dataset import ImageDataset
 from poison_core.defenses import DefenseContext, make_defense
+from poison_core.errors import InputError
 from poison_core.evaluation import evaluate
 from poison_core.poisons import PoisonSet, apply, from_parquet_bytes, to_parquet_bytes
 from poison_core.protocols import relabelled
@@ -51,8 +56,10 @@ PROTOCOLS = {
 }
 ATTACKS = {"clean": None, **AVAILABILITY_ATTACKS,
            "tue_ssl": ("tue", {"ssl_weight": 1.0}),
+           "tue_ssl_e10": ("tue", {"ssl_weight": 1.0, "epochs": 10}),  # tue_ssl is ~100 min a seed on 1 CPU
            "unlearnable_clusters": ("unlearnable_clusters", {"encoder": {"epochs": 20}})}
 VICTIM_SEED, SURROGATE_SEED = 2, 1
+EXPERIMENT = "belladonna-protocols"
 
 
 def crafted(key: str, seed: int, train: ImageDataset, cache: Path) -> tuple[PoisonSet | None, float]:
@@ -101,23 +108,63 @@ def run(attacks: list[str], protocols: list[str], seeds: list[int], cache: Path,
     return merged
 
 
+def load(path: Path, *, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The rows stored at `path` (a JSON list of rows, see :func:`check_rows`); InputError if unreadable."""
+    if not path.exists():
+        if missing_ok:
+            return []
+        raise InputError(f"{path}: no such file (run `python3 -m benchmarks.protocols --attacks ...` first)")
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not readable as JSON ({err})") from None
+    return check_rows(stored, str(path))
+
+
+def check_rows(rows: Any, where: str) -> list[dict[str, Any]]:
+    """`rows` if it is a list of rows with a known attack and protocol, an int seed and an accuracy in
+    [0, 1]; else InputError naming the row and the field."""
+    if not isinstance(rows, list):
+        raise InputError(f"{where}: expected a JSON list of rows, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: row {i} is a {type(row).__name__}, not an object")
+        fields = {"attack": (row.get("attack") in ATTACKS, f"one of {', '.join(ATTACKS)}"),
+                  "protocol": (row.get("protocol") in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
+                  "seed": (type(row.get("seed")) is int and row["seed"] >= 0, "an integer >= 0"),
+                  "acc": (type(row.get("acc")) in (int, float) and 0 <= row["acc"] <= 1, "a number in [0, 1]")}
+        for field, (ok, allowed) in fields.items():
+            if not ok:
+                raise InputError(f"{where}: row {i} field {field!r} is {row.get(field)!r}; must be {allowed}")
+    return rows
+
+
 def write(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Merge `rows` into <out>/protocols.json (same attack, protocol and seed: replaced), render the table."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Merge `rows` into <out>/protocols.json (same attack, protocol and seed: replaced), render the table.
+    Both the stored and the new rows are checked before anything is written; each file is replaced atomically."""
     path = out / "protocols.json"
-    stored = json.loads(path.read_text()) if path.exists() else []
-    merged = {(r["attack"], r["protocol"], r["seed"]): r for r in stored + rows}
+    stored = load(path, missing_ok=True)
+    merged = {(r["attack"], r["protocol"], r["seed"]): r for r in stored + check_rows(rows, "new rows")}
     rows = sorted(merged.values(), key=lambda r: (list(ATTACKS).index(r["attack"]), r["protocol"], r["seed"]))
-    path.write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "protocols.md").write_text(render(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("protocols.json", json.dumps(rows, indent=1) + "\n"), ("protocols.md", render(rows))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """The accuracies of each (attack, protocol) cell, in the rows' order."""
     cells: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         cells.setdefault((r["attack"], r["protocol"]), []).append(r["acc"])
     return cells
+
+
+def stats(values: list[float]) -> tuple[float, float | None]:
+    """A cell's mean and its sample standard deviation over seeds (ddof 1; None for one seed)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -131,43 +178,76 @@ def render(rows: list[dict[str, Any]]) -> str:
         out = []
         for p in protocols:
             v = cells.get((attack, p), [])
-            std = f" +- {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
-            out.append(f"{np.mean(v):.3f}{std} (n={len(v)})" if v else "-")
+            mean, std = stats(v) if v else (0.0, None)
+            out.append(f"{mean:.3f}{'' if std is None else f' +- {std:.3f}'} (n={len(v)})" if v else "-")
         lines.append(f"| {attack} | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
 
 
-def log_mlflow(rows: list[dict[str, Any]], uri: str, out: Path) -> str:
-    """One MLflow run holding the table: the setting as params, each cell's mean as a metric."""
-    import mlflow
+def setting(attacks: set[str]) -> dict[str, Any]:
+    """The benchmark's fixed setting and the crafted `attacks`' names and params, logged as the run's params."""
+    return {"dataset": "fashion-mnist", "n_train": N_TRAIN, "n_test": N_TEST, "epsilon": EPS, "coverage": 1.0,
+            "victim": f"{VICTIM.name} width {VICTIM.width}", "victim_epochs": AVAILABILITY.epochs,
+            "victim_seed": VICTIM_SEED, "surrogate_seed": SURROGATE_SEED, "ssl_epochs": SSL.epochs,
+            "ssl_batch_size": SSL.batch_size, "relabel_classes": PROTOCOLS["relabel"].relabel_classes,
+            "attack": {key: {"name": spec[0], **spec[1]} for key, spec in ATTACKS.items() if spec and key in attacks}}
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("belladonna-protocols")
-    with mlflow.start_run(run_name="availability x protocol") as run:
-        mlflow.log_params({"dataset": "fashion-mnist", "n_train": N_TRAIN, "n_test": N_TEST, "epsilon": EPS,
-                           "victim": f"{VICTIM.name} width {VICTIM.width}", "ssl_epochs": SSL.epochs})
-        for (attack, protocol), values in table(rows).items():
-            mlflow.log_metric(f"{attack}.{protocol}.acc_mean", float(np.mean(values)))
-            mlflow.log_metric(f"{attack}.{protocol}.n_seeds", len(values))
-        mlflow.log_artifact(str(out / "protocols.md"))
-        mlflow.log_table({k: [r[k] for r in rows] for k in ("attack", "protocol", "seed", "acc")}, "protocols.json")
-        return run.info.run_id
+
+def log_mlflow(rows: list[dict[str, Any]], uri: str, out: Path, experiment: str = EXPERIMENT) -> str:
+    """One MLflow run holding the table (through :class:`infra.tracking.Tracker`; a sqlite store keeps its
+    artifacts in ``mlartifacts`` next to the db): params the setting; metrics ``<attack>.<protocol>.acc_mean``,
+    ``.n_seeds`` and, over two or more seeds, ``.acc_std``; artifacts ``protocols.md`` (also the run's
+    description) and the rows as ``tables/protocols.{json,csv,md}``. Returns the run id."""
+    from infra.tracking import Tracker
+
+    run_dir = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    tracker = Tracker(uri, experiment=experiment, run_dir=run_dir)
+    metrics: dict[str, float] = {}
+    for (attack, protocol), values in table(rows).items():
+        mean, std = stats(values)
+        metrics[f"{attack}.{protocol}.acc_mean"] = mean
+        metrics[f"{attack}.{protocol}.n_seeds"] = len(values)
+        if std is not None:
+            metrics[f"{attack}.{protocol}.acc_std"] = std
+    text = render(rows)
+    with tracker.parent_run("availability x protocol", params=setting({r["attack"] for r in rows}),
+                            tags={"mlflow.note.content": text, "benchmark": "protocols"}) as run_id:
+        tracker.log_metrics(metrics)
+        tracker.log_text(text, "protocols.md")
+        tracker.log_table(rows, "protocols")
+    return run_id
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), required=True)
+    parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), help="required unless --log-only")
     parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/belladonna-protocols"))
     parser.add_argument("--mlflow-uri", default=None, help="e.g. sqlite:///runs/mlflow.db")
+    parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    parser.add_argument("--log-only", action="store_true",
+                        help="measure nothing: log the table stored in <out>/protocols.json to --mlflow-uri")
     args = parser.parse_args(argv)
+    if args.log_only and (args.attacks or not args.mlflow_uri):
+        parser.error("--log-only takes --mlflow-uri and no --attacks")
+    if not args.log_only and not args.attacks:
+        parser.error("--attacks is required unless --log-only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(1)
-    rows = run(args.attacks, args.protocols, args.seeds, args.cache, args.out)
+    try:
+        if args.log_only:
+            rows = load(args.out / "protocols.json")
+            if not rows:
+                raise InputError(f"{args.out / 'protocols.json'}: holds no rows")
+        else:
+            torch.set_num_threads(1)
+            rows = run(args.attacks, args.protocols, args.seeds, args.cache, args.out)
+    except InputError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.mlflow_uri:
-        log.info("MLflow run %s", log_mlflow(rows, args.mlflow_uri, args.out))
+        log.info("MLflow run %s in experiment %s", log_mlflow(rows, args.mlflow_uri, args.out, args.experiment),
+                 args.experiment)
 
 
 if __name__ == "__main__":
