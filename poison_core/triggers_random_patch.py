@@ -6,8 +6,8 @@ draws every location with `random.randint` after `random.seed(1)`).
 Spec fields: `size` (side in pixels), `pattern` ('noise': uniform random colours drawn from
 `pattern_seed`, like the paper's random-pattern trigger images; 'bernoulli': every pixel and channel
 0 or 255 with probability 1/2, Sleeper Agent's patch (Souri et al., NeurIPS 2022; the reference's
-`_create_patch`); 'checkerboard' or 'white': the `patch` kind's patterns), `location_seed` (the i-th image's top-left corner is the i-th draw of
-numpy's generator seeded with it, uniform over every position where the patch fits), `epsilon`
+`_create_patch`); 'checkerboard' or 'white': the `patch` kind's patterns), `location_seed` (the
+i-th image's top-left corner is the i-th draw of numpy's generator seeded with it, uniform over every position where the patch fits), `epsilon`
 (each pixel moves by at most this many grey levels towards the pattern; 255, the default, pastes the
 patch). Same spec and image count -> same locations and the same bytes.
 
@@ -57,6 +57,28 @@ def paste(images: np.ndarray, patch: np.ndarray, locations: np.ndarray, epsilon:
         step = np.clip(patch.astype(np.int16) - region, -epsilon, epsilon)
         out[i, top:top + size, left:left + size, :] = (region + step).astype(np.uint8)
     return out
+
+
+def paste_at_random(images: np.ndarray, size: int, pattern: str, pattern_seed: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """`images` with the `pattern` patch pasted opaque at locations drawn from `rng` (the crafting-time
+    patching of the hidden-trigger attacks; test time draws from the spec's `location_seed`)."""
+    _, h, w, c = images.shape
+    patch = random_patch_pattern(size, c, pattern, pattern_seed)
+    return paste(images, patch, random_locations(len(images), size, h, w, rng))
+
+
+def check_source_target(target_class: int, source_class: int | None, size: int, num_classes: int,
+                        height: int, width: int) -> None:
+    """One-line ConfigErrors for a hidden-trigger attack's params: classes in range and distinct, patch fits."""
+    for field_name, value in (("target_class", target_class), ("source_class", source_class)):
+        if value is not None and value >= num_classes:
+            raise ConfigError(f"params.{field_name}: class {value} is outside 0..{num_classes - 1}")
+    if source_class == target_class:
+        raise ConfigError(f"params.source_class: {source_class} is the target class; choose another class")
+    if size > min(height, width):
+        raise ConfigError(f"params.patch_size: {size} does not fit {height}x{width} images "
+                          f"(allowed: 1..{min(height, width)})")
 
 
 @TRIGGERS.register("random_patch", paper="Saha et al., Hidden Trigger Backdoor Attacks, AAAI 2020",

@@ -44,7 +44,7 @@ from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
-from poison_core.triggers_random_patch import paste, random_locations, random_patch_pattern
+from poison_core.triggers_random_patch import check_source_target, paste_at_random
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +124,8 @@ class HiddenTrigger(Attack):
     needs_surrogate = True
 
     def check_dataset(self, train: ImageDataset) -> None:
-        p, k = self.params, train.num_classes
-        for field_name in ("target_class", "source_class"):
-            value = getattr(p, field_name)
-            if value is not None and value >= k:
-                raise ConfigError(f"params.{field_name}: class {value} is outside 0..{k - 1}")
-        if p.source_class == p.target_class:
-            raise ConfigError(f"params.source_class: {p.source_class} is the target class; choose another class")
-        h, w, _ = train.image_shape
-        if p.patch_size > min(h, w):
-            raise ConfigError(f"params.patch_size: {p.patch_size} does not fit {h}x{w} images "
-                              f"(allowed: 1..{min(h, w)})")
+        p, (h, w, _) = self.params, train.image_shape
+        check_source_target(p.target_class, p.source_class, p.patch_size, train.num_classes, h, w)
 
     def trigger_spec(self) -> dict[str, Any]:
         """The test-time trigger: the patch pasted opaque at a `location_seed`-drawn place per image."""
@@ -146,9 +137,7 @@ class HiddenTrigger(Attack):
     def patched(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`images` with the trigger pasted at locations drawn from the attack's generator (crafting)."""
         p = self.params
-        _, h, w, c = images.shape
-        patch = random_patch_pattern(p.patch_size, c, p.pattern, p.pattern_seed)
-        return paste(images, patch, random_locations(len(images), p.patch_size, h, w, rng))
+        return paste_at_random(images, p.patch_size, p.pattern, p.pattern_seed, rng)
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         p, train = self.params, ctx.train

@@ -58,7 +58,7 @@ from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor, train_model
-from poison_core.triggers_random_patch import paste, random_locations, random_patch_pattern
+from poison_core.triggers_random_patch import check_source_target, paste_at_random
 
 logger = logging.getLogger(__name__)
 
@@ -178,16 +178,8 @@ class SleeperAgent(Attack):
     needs_surrogate = True
 
     def check_dataset(self, train: ImageDataset) -> None:
-        p, k = self.params, train.num_classes
-        for field_name in ("target_class", "source_class"):
-            if getattr(p, field_name) >= k:
-                raise ConfigError(f"params.{field_name}: class {getattr(p, field_name)} is outside 0..{k - 1}")
-        if p.source_class == p.target_class:
-            raise ConfigError(f"params.source_class: {p.source_class} is the target class; choose another class")
-        h, w, c = train.image_shape
-        if patch_side(p, h, w) > min(h, w):
-            raise ConfigError(f"params.patch_size: {p.patch_size} does not fit {h}x{w} images "
-                              f"(allowed: 1..{min(h, w)})")
+        p, (h, w, c) = self.params, train.image_shape
+        check_source_target(p.target_class, p.source_class, patch_side(p, h, w), train.num_classes, h, w)
         if p.data_std is not None and len(p.data_std) != c:
             raise ConfigError(f"params.data_std: {len(p.data_std)} values for {c}-channel images "
                               f"(allowed: exactly {c})")
@@ -202,10 +194,8 @@ class SleeperAgent(Attack):
     def patched(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`images` with the patch at locations drawn from the attack's generator (crafting)."""
         p = self.params
-        _, h, w, c = images.shape
-        size = patch_side(p, h, w)
-        patch = random_patch_pattern(size, c, p.pattern, p.pattern_seed)
-        return paste(images, patch, random_locations(len(images), size, h, w, rng))
+        _, h, w, _ = images.shape
+        return paste_at_random(images, patch_side(p, h, w), p.pattern, p.pattern_seed, rng)
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         p, train = self.params, ctx.train
