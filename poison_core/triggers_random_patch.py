@@ -7,7 +7,8 @@ Spec fields: `size` (side in pixels), `pattern` ('noise': uniform random colours
 `pattern_seed`, like the paper's random-pattern trigger images; 'bernoulli': every pixel and channel
 0 or 255 with probability 1/2, Sleeper Agent's patch (Souri et al., NeurIPS 2022; the reference's
 `_create_patch`); 'checkerboard' or 'white': the `patch` kind's patterns), `location_seed` (the
-i-th image's top-left corner is the i-th draw of numpy's generator seeded with it, uniform over every position where the patch fits), `epsilon`
+i-th image's top-left corner is the i-th draw of numpy's generator seeded with it, uniform over every
+position where the patch fits), `epsilon`
 (each pixel moves by at most this many grey levels towards the pattern; 255, the default, pastes the
 patch). Same spec and image count -> same locations and the same bytes.
 
