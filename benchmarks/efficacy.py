@@ -57,6 +57,8 @@ TARGETED = {
 AVAILABILITY_ATTACKS = {
     "error_min_sample": ("error_min", {"mode": "sample", "width": 8, "steps": 2, "max_rounds": 40}),
     "error_min_class": ("error_min", {"mode": "class", "width": 8, "steps": 5, "max_rounds": 30}),
+    "error_min_class_subset": ("error_min", {"mode": "class", "width": 8, "steps": 1, "stop_accuracy": 0.9,
+                                             "subset": 0.2, "max_rounds": 30}),
     "unlearnable_clusters": ("unlearnable_clusters", {}),
     "tue": ("tue", {}),
     "synthetic_noise": ("synthetic_noise", {}),

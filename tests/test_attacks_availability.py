@@ -95,8 +95,12 @@ def test_same_seed_same_bytes_other_seed_other_poisons(name, surrogate):
     assert not (np.array_equal(a.images, c.images) and np.array_equal(a.poison_labels, c.poison_labels))
 
 
-def test_error_min_class_mode_shares_one_noise_per_class(surrogate):
-    ps = craft("error_min", surrogate, {"mode": "class"}, budget=1.0)
+@pytest.mark.parametrize("subset", [1.0, 0.3])
+def test_error_min_class_mode_shares_one_noise_per_class(surrogate, subset):
+    """Also when the noise is searched on a subset (the reference's --use_subset): every protected
+    sample, searched or not, carries its class's noise."""
+    ps = craft("error_min", surrogate, {"mode": "class", "subset": subset}, budget=1.0)
+    assert len(ps) == len(TRAIN) and ps.targets.get("searched", len(TRAIN)) == round(subset * len(TRAIN))
     delta = ps.images.astype(np.int16) - clean_of(ps).astype(np.int16)
     clean = clean_of(ps)
     inside = (clean >= EPS) & (clean <= 255 - EPS)  # pixels the [0, 255] clip cannot touch
@@ -221,7 +225,8 @@ BAD_PARAMS = [
     ("error_min", {"stop_accuracy": 0}), ("error_min", {"stop_accuracy": 1.5}), ("error_min", {"train_steps": 0}),
     ("error_min", {"steps": 0}), ("error_min", {"step_fraction": 0}), ("error_min", {"step_fraction": 2}),
     ("error_min", {"max_rounds": 0}), ("error_min", {"batch_size": 1}), ("error_min", {"lr": 0}),
-    ("error_min", {"noise_batches": 0}), ("error_min", {"unknown": 1}),
+    ("error_min", {"noise_batches": 0}), ("error_min", {"unknown": 1}), ("error_min", {"subset": 1.5}),
+    ("error_min", {"subset": 0.5}),
     ("error_max", {"steps": 0}), ("error_max", {"step_fraction": 0}), ("error_max", {"batch_size": 0}),
     ("error_max", {"targeted": "maybe"}),
     ("synthetic_noise", {"patch": 0}), ("synthetic_noise", {"class_sep": 0}), ("synthetic_noise", {"jitter": -1}),

@@ -8,15 +8,21 @@ Setting (the cheapest found where the clean victim clears 0.85): 8,000 training 
 poisoned victim trains from another seed (2). Each attack is crafted once (seed 0), lazily.
 
 Bars: clean >= 0.85; class-wise error-minimising noise >= 35 points below clean and sample-wise >= 15
-points below (five times the random-noise band): the paper-level <= 0.30 is reached by some crafting
-seeds but not reliably at this scale, see below; synthetic noise and error-maximising poisons >= 30
-points below clean; random noise of the same epsilon within 3 points of clean; class-wise and synthetic
-noise linearly separable (> 0.9) while random noise is far less so (< 0.6: the clip to [0, 255] leaks
-the silhouette, see below).
+points below (five times the random-noise band); synthetic noise and error-maximising poisons >= 30
+points below clean; random noise of the same epsilon within 3 points of clean; class-wise and
+synthetic noise linearly separable (> 0.9) while random noise is far less so (< 0.6: the clip to
+[0, 255] leaks the silhouette, see below); adversarial training and UEraser each recover >= 30 points
+of the class-wise victim.
 
-Class-wise noise, updated on every batch each round (the paper's setting, ~3.5 min of crafting on one
-core): 0.25 / 0.43 / 0.39 / 0.35 for crafting seeds 0-3 on one thread, 0.29 for seed 0 on two. On 5
-batches per round (~1 min): 0.25 / 0.63 / 0.42 / 0.25, 0.36 for seed 0 on two threads.
+Class-wise noise is crafted with the reference README's class-wise recipe (scripts/cifar10-classwise:
+1 noise step of eps/10, stop at 90 %, the noise searched on a seeded 20 % subset and added to every
+sample of its class; ~25 s on one core). Measured (one thread, a loaded 2-core machine): victim
+0.301 / 0.323 / 0.298 for crafting seeds 0 / 1 / 2 (clean 0.86; stop reached at rounds 22 / 26 / 16);
+on seed 0's noise adversarial training recovers 0.812, UEraser (K = 5 for the first 2 of 8 epochs)
+0.807, ISS-JPEG-10 only 0.389 (not asserted: a 9-point gain, the paper's strong JPEG recovery is not
+seen on these 1-channel images). The earlier setting, every sample searched with 5 steps for 30
+rounds under the issue-16 rules (batch 512, grad clip 5, eval-mode stop check, never met), took
+~5 minutes and reached 0.38 (seed 0); with 5 of 16 batches per round 0.54.
 Synthetic noise: 0.52 / 0.39 / 0.47 / 0.36 for seeds 0-3 (0.53 on two threads); error-maximising
 poisons: 0.46 / 0.44 / 0.44 / 0.47; both bars hold for every seed.
 
@@ -30,11 +36,8 @@ steps 0.35; one 0.5-eps step (seed 1) 0.69; stop at 99.9 % 0.34; 5 model steps p
 steps 0.64 (seed 1: 0.64); crafting width 2 / 4 / 16: 0.46 / 0.56 / 0.60; zero start (the paper's
 scripts) 0.52, with batch 512 0.49; 10 noise steps on 16 batches per round 0.59 (seed 1: 0.53);
 noise steps with train-mode BatchNorm 0.52 (seed 1: 0.59); 16,000 training images 0.55 (seed 1: 0.62).
-The numbers above were measured with batch 128, no gradient clipping, a train-mode stop check and
-class-wise steps on the class-summed gradient. With the reference's rules (issue 16: batch 512, grad
-clip 5.0, eval-mode stop check, per-sample class-wise steps averaged per class), seed 0 on one thread:
-class-wise 0.38 (stop accuracy not met in 30 rounds), sample-wise 0.67 (stopped at round 19), clean
-0.86; adversarial training recovers class-wise to 0.81; separability bars hold.
+These were measured before the issue-16 rules; with them (seed 0, one thread) sample-wise is 0.67
+(stopped at round 19).
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ VICTIM = ModelConfig(name="convnet", width=16)
 RECIPE = TrainConfig(epochs=8, batch_size=64, lr=0.05)
 ATTACKS = {
     "error_min_sample": ("error_min", {"mode": "sample", "width": 8, "steps": 2, "max_rounds": 40}),
-    "error_min_class": ("error_min", {"mode": "class", "width": 8, "steps": 5, "max_rounds": 30}),
+    "error_min_class": ("error_min", {"mode": "class", "width": 8, "steps": 1, "stop_accuracy": 0.9, "subset": 0.2,
+                                      "max_rounds": 30}),
     "synthetic_noise": ("synthetic_noise", {}),
     "error_max": ("error_max", {"targeted": True, "steps": 10, "step_fraction": 0.25}),
     "random_noise": ("random_noise", {}),
@@ -153,16 +157,16 @@ def test_class_wise_and_synthetic_noise_are_linearly_separable_random_noise_is_n
     assert sep["linear"] < 0.6 and sep["mlp"] < 0.6, f"random noise: {sep}"
 
 
-def test_adversarial_training_recovers_the_victim_from_error_minimizing_noise(outcome, clean, splits):
-    """Madry-style adversarial training at the noise's own epsilon (2 PGD steps) learns through
-    class-wise error-minimising noise (measured 0.249 -> 0.80, clean 0.87); gaussian noise (0.26)
-    and cutout (0.31) recovered little from the 5-batches-per-round noise and are not asserted."""
+@pytest.mark.parametrize(("name", "params"), [("adversarial_training", {"epsilon": EPSILON, "steps": 2}),
+                                             ("ueraser", {"repeats": 5, "adversarial_fraction": 0.25})])
+def test_defense_recovers_the_victim_from_class_wise_error_minimizing_noise(name, params, outcome, clean, splits):
+    """Madry-style adversarial training at the noise's own epsilon (2 PGD steps) and UEraser (Qin et
+    al. 2023; K = 5 augmented copies for the first 2 of 8 epochs, the README's 60 of 200) learn through
+    class-wise error-minimising noise: measured 0.301 -> 0.812 and 0.807 (clean 0.86)."""
     undefended, _, poisoned = outcome("error_min_class")
     victim = VictimConfig(model=VICTIM, train=RECIPE)
-    result = make_defense("adversarial_training", {"epsilon": EPSILON, "steps": 2}).fit(
-        DefenseContext(train=poisoned, victim=victim, seed=2))
+    result = make_defense(name, params).fit(DefenseContext(train=poisoned, victim=victim, seed=2))
     predicted = result.classifier.predict_logits(splits.test.images).argmax(axis=1)
     defended = float(np.mean(predicted == splits.test.labels))
-    log.info("adversarial training on class-wise error_min: %.4f (undefended %.4f, clean %.4f)", defended,
-             undefended, clean[1])
-    assert defended >= undefended + 0.30, f"adversarial training {defended:.3f}, undefended {undefended:.3f}"
+    log.info("%s on class-wise error_min: %.4f (undefended %.4f, clean %.4f)", name, defended, undefended, clean[1])
+    assert defended >= undefended + 0.30, f"{name} {defended:.3f}, undefended {undefended:.3f}"
