@@ -32,10 +32,13 @@ of those models as its adversarial class (a plausible class, the attacker's choi
   in one victim (2 % each) gave 2/5 vs 1/5. MetaPoison, scaled to CPU (2-4 models, 16-40 craft
   steps, unrolled batches mixed or poisons-only, 2-5 % per key), optimises its unrolled objective but
   moved no victim beyond the noise control in any setting tried (per key at 5 %: adv prob 0.14 vs
-  0.15 noise), so only that, and clean accuracy, are asserted for it, on five keys poisoned at once.
-  With the reference's epoch sweep, CW loss over stages and clean ensemble trajectory (issue 16) that
+  0.15 noise), so only that, and clean accuracy, are asserted for it, on three keys poisoned at once.
+  With the reference's epoch sweep, CW loss over stages and clean ensemble trajectory (issue 16) a
   five-key run measured adv prob 0.216 vs 0.148 noise and 0.150 clean (above noise on 5/5 keys), 1/5
-  flips vs 0/5, clean acc 0.797 vs 0.807; unrolled CW loss 1.34 vs 1.91 for the noise control.
+  flips vs 0/5, clean acc 0.797 vs 0.807; unrolled CW loss 1.34 vs 1.91 for the noise control (4 batch
+  draws). The test's three keys (issue 21: 40 % less crafting): adv prob 0.277 vs 0.236 noise and
+  0.252 clean, 1/3 flips for every arm (the third key is already 0.51 on the clean victim), clean acc
+  0.807 vs 0.806; unrolled CW loss 0.96 vs 1.36 (2 draws).
 """
 
 from __future__ import annotations
@@ -179,14 +182,14 @@ def test_convex_polytope_on_transfer_learning(transfer_setup):
 
 @pytest.fixture(scope="module")
 def scratch_setup(one_thread):
-    """2,000 training images, two surrogates, five keys with distinct adversarial classes, the clean victim."""
+    """2,000 training images, two surrogates, three keys with distinct adversarial classes, the clean victim."""
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=2000, n_test=1000, seed=0))
     surrogates = []
     for seed in (100, 101):
         model = build_model(ModelConfig(name="convnet", width=16), splits.train.image_shape, 10, seed=seed)
         train_model(model, splits.train, SCRATCH, device="cpu", seed=seed)
         surrogates.append(model.eval())
-    keys = runner_up_keys(surrogates, splits.test, 5, seed=0, distinct=True)
+    keys = runner_up_keys(surrogates, splits.test, 3, seed=0, distinct=True)
     clean = scratch_victim(splits.train)
     arm = Arm(*measure(clean, splits.test, keys), accuracy(clean, splits.test, device="cpu"))
     return splits.train, splits.test, surrogates, keys, arm, {"clean_model": clean}
