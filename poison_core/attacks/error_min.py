@@ -42,8 +42,9 @@ protected sample of its class: set `steps: 1, stop_accuracy: 0.9, subset: 0.2` f
 is class-wise only; a class with no sample in the subset keeps its start noise). Measured on the
 Fashion-MNIST efficacy setting (tests/test_efficacy_availability.py, clean victim 0.86): with the
 defaults, class-wise, the eval-mode stop statistic swung between 0.20 and 0.73 over 30 rounds and
-never met 99 % (victim 0.38, ~5 minutes on one core); that subset recipe met its 90 % in 16-26 rounds (victim 0.30-0.32 over crafting seeds 0-2, ~25 s). Sample-wise, the
-defaults met 99 % at round 19 (victim 0.67).
+never met 99 % (victim 0.38, ~5 minutes on one core); that subset recipe met its 90 % in 16-26
+rounds (victim 0.30-0.32 over crafting seeds 0-2, ~25 s). Sample-wise, the defaults met 99 % at
+round 19 (victim 0.67).
 Given ctx.checkpoint, the search saves the noise, the crafting model and its optimizer, the data
 order and the generator state after every `checkpoint.every` rounds and resumes from there.
 Coverage is the threat model's budget: floor(budget * n) samples are protected (1.0 = all); see
