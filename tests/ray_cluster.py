@@ -94,25 +94,26 @@ class Cluster:
 
 
 @contextmanager
-def local_cluster(n_nodes: int = 2, env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """A head (1 CPU, dashboard) and `n_nodes` - 1 workers (1 CPU each) on 127.0.0.1, each `ray start
-    --block` from `env` (default: :func:`clean_env`); all stopped by PID on the way out."""
+def local_cluster(n_nodes: int = 2, env: dict[str, str] | None = None, head_cpus: int = 1) -> Iterator[Cluster]:
+    """A head (`head_cpus` CPUs, dashboard) and `n_nodes` - 1 workers (1 CPU each) on 127.0.0.1, each
+    `ray start --block` from `env` (default: :func:`clean_env`); all stopped by PID on the way out.
+    head_cpus=0 is the head of infra/ray/cluster.yaml and infra/kuberay: it runs drivers, no jobs."""
     root = Path(tempfile.mkdtemp(prefix="bd-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     port, dash = free_port(), free_port()
     env = clean_env() if env is None else env
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", "--block"]
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
     logs = [root / "head.log"]
     nodes = [launch([RAY, "start", "--head", f"--port={port}", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                      f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                     f"--temp-dir={root / 'h'}", *common], logs[0], env)]
+                     f"--temp-dir={root / 'h'}", f"--num-cpus={head_cpus}", *common], logs[0], env)]
     try:
         url = f"http://127.0.0.1:{dash}"
         wait_for("the head's dashboard", lambda: get_json(f"{url}/api/version"), START_S, nodes, logs)
         for i in range(1, n_nodes):
             logs.append(root / f"worker{i}.log")
             nodes.append(launch([RAY, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={root / f'w{i}'}",
-                                 f"--dashboard-agent-listen-port={free_port()}", *common], logs[-1], env))
+                                 f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=1", *common], logs[-1], env))
 
         def all_alive() -> bool:
             found = get_json(f"{url}/api/v0/nodes?limit=10")["data"]["result"]["result"]
