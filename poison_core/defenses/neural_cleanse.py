@@ -23,11 +23,23 @@ Mitigating Backdoor Attacks in Neural Networks', IEEE S&P 2019).
    of a flagged class and keep their labels, for 1 epoch. Otherwise the model is returned unchanged.
    The paper fine-tunes on clean data; here the sample comes from the poisoned training set, whose
    dirty-label poisons (labelled with the infected class) re-teach the trigger while it is unlearnt.
+   The fine-tuning runs at a constant unlearn_lr, by default a tenth of the victim's (peak) lr: the
+   victim ends its schedule near lr 0, and restarting it at the peak costs clean accuracy by itself.
+   Measured on Fashion-MNIST (4,000 images, width-16 ConvNet, lr 0.05 cosine, clean acc 0.84): plain
+   fine-tuning on 10 % clean data at lr 0.05 gives 0.74, at 0.01 gives 0.81; on the BadNets victim,
+   unlearning its reversed trigger at lr 0.05 gives ASR 0.00 / clean 0.59, at 0.005 ASR 0.01 / clean
+   0.77. (BackdoorBench's NC fine-tunes at lr 0.01 on a cosine schedule.)
    `exclude_flagged` leaves every sample labelled with a flagged class out of the unlearning sample
    (our adaptation, off by default): measured on digits (white 3x3 BadNets, 10 %, ConvNet, three
    unlearning seeds) the paper's setting (10 %, 1 epoch, lr 0.05) left ASR at 1.0 / 0.0 / 0.0 with
    clean accuracy 0.78-0.84, unlearning on all data (100 %, 50 % stamped, lr 0.02) left ASR 1.0,
    while excluding the flagged class (100 %, 2 epochs, lr 0.01) gave ASR <= 0.005, clean 0.97-0.98.
+
+A false alarm measured on Fashion-MNIST (configs/fashion-mnist-backdoors.yaml, 40 reversal epochs on
+500 samples): class 8 (bag) has a naturally small trigger (mask L1 ~20 against a median ~70), so it
+is flagged on most models, poisoned or not (anomaly index 2.3-4.1 on 5 of 6 poisoned models, the
+BadNets target 9 on none), and unlearning a natural feature costs 15-40 points of clean accuracy. The
+authors' clean models stay below index 2 (Sec. V-B); on digits ours do too (index 0.83).
 
 The paper assumes a small clean held-out set; here the triggers are reversed on, and the unlearning
 sample drawn from, the (possibly poisoned) training set. Ground truth (ctx.is_poison) is used only
@@ -57,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 MAD_TO_SIGMA = 1.4826
 TANH_EPS = 1e-7  # the authors' K.epsilon(): tanh(w) / (2 - eps) + 0.5 stays inside (0, 1)
+UNLEARN_LR_SCALE = 0.1  # default unlearning lr as a fraction of the victim's lr (module docstring, step 4)
 
 
 class NeuralCleanseParams(DefenseParams):
@@ -64,7 +77,8 @@ class NeuralCleanseParams(DefenseParams):
     samples the triggers are optimised on (1000), batch_size (32), lr (Adam 0.1), init_cost (1e-3),
     cost_multiplier (2), patience (5), attack_success (0.99); detection: anomaly_threshold (2);
     mitigation 'unlearning' (Sec. VI-C: unlearn_fraction 0.1 of the training data, stamp_fraction
-    0.2 of it stamped, unlearn_epochs 1, unlearn_lr None = the victim's lr) or 'none' (detect only);
+    0.2 of it stamped, unlearn_epochs 1, unlearn_lr None = UNLEARN_LR_SCALE x the victim's lr) or
+    'none' (detect only);
     exclude_flagged: leave the flagged classes' samples out of the unlearning sample (not in the
     paper, whose unlearning data is clean; see the module docstring)."""
 
@@ -258,7 +272,7 @@ class NeuralCleanse(Defense):
             seed = derive_seed(ctx.seed, "neural_cleanse", "unlearn")
             data = unlearning_set(train, masks, patterns, flagged, p, seed)
             recipe = ctx.victim.train.model_copy(update={"epochs": p.unlearn_epochs, "schedule": "none",
-                                                         "lr": p.unlearn_lr or ctx.victim.train.lr})
+                                                         "lr": p.unlearn_lr or UNLEARN_LR_SCALE * ctx.victim.train.lr})
             history = list(train_model(model, data, recipe, device=ctx.device,
                                        seed=derive_seed(ctx.seed, "neural_cleanse", "finetune")).epochs)
         return DefenseResult(ModelClassifier(model.eval(), ctx.device), history=history, info=info)
