@@ -113,7 +113,8 @@ def local_cluster(n_nodes: int = 2, env: dict[str, str] | None = None, head_cpus
         for i in range(1, n_nodes):
             logs.append(root / f"worker{i}.log")
             nodes.append(launch([RAY, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={root / f'w{i}'}",
-                                 f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=1", *common], logs[-1], env))
+                                 f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=1", *common],
+                                logs[-1], env))
 
         def all_alive() -> bool:
             found = get_json(f"{url}/api/v0/nodes?limit=10")["data"]["result"]["result"]
