@@ -3,8 +3,9 @@ head with no CPUs (`ray start --head --num-cpus=0`, where the driver connects) a
 (`ray start --address=...`). Every job of the benchmark must then run on the worker, never beside the
 driver; both nodes are stopped by PID at the end (tests.ray_cluster).
 
-Ray's SPREAD strategy is best effort ("Ray will try to spread", Ray's scheduling docs), so a test
-that demanded jobs on two CPU nodes failed whenever a loaded machine let one node take them all; the
+Ray's SPREAD strategy chooses among the nodes whose resources are free when a job is scheduled (Ray's
+scheduling docs: feasible, then available nodes), so it promises no spread; a test that demanded
+jobs on two 1-CPU nodes failed whenever a loaded machine let one node take them all; the
 0-CPU head makes where the jobs may run a matter of the cluster's layout, not of timing."""
 
 from __future__ import annotations
