@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from poison_core.data.dataset import ImageDataset
 
@@ -187,6 +188,20 @@ def _train_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         total_loss += float(loss.detach()) * len(idx)
         correct += int((logits.detach().argmax(1) == hard).sum())
     return {"epoch": epoch, "loss": total_loss / len(data), "train_acc": correct / len(data), "lr": epoch_lr}
+
+
+def reestimate_batchnorm(model: nn.Module, data: ImageDataset, *, device: torch.device | str,
+                         batch_size: int = 64) -> None:
+    """Recompute every BatchNorm layer's running mean and variance as the plain average over one pass of
+    `data` in batches (torch.optim.swa_utils.update_bn, as SWA does after averaging weights); leaves
+    the model in eval mode. After a short fine-tune the running statistics are an exponential average
+    that moved only part of the way (1 - 0.9^steps at momentum 0.1) from the old network's statistics to
+    the new one's, so the eval-mode network is not the one that was trained; this makes it so."""
+    device = torch.device(device)
+    model.to(device)
+    batches = (to_tensor(data.images[b], device) for b in batch_slices(len(data), batch_size))
+    update_bn(batches, model)
+    model.eval()
 
 
 def predict_logits(model: nn.Module, images: np.ndarray, *, device: torch.device | str,

@@ -209,3 +209,7 @@ def test_a_flagged_class_triggers_unlearning_and_is_reported(monkeypatch):
     assert not np.array_equal(result.classifier.predict_logits(ctx.train.images), undefended)
     detect_only = make_defense("neural_cleanse", {**TINY["neural_cleanse"], "mitigation": "none"}).fit(ctx)
     assert np.array_equal(detect_only.classifier.predict_logits(ctx.train.images), undefended)
+    stale = make_defense("neural_cleanse", {**TINY["neural_cleanse"], "reestimate_bn": False}).fit(ctx)
+    assert len(stale.history) == 1  # same unlearning, the BatchNorm statistics left as the fine-tune made them
+    assert not np.array_equal(stale.classifier.predict_logits(ctx.train.images),
+                              result.classifier.predict_logits(ctx.train.images))

@@ -23,6 +23,7 @@ from poison_core.training import (
     learning_rate,
     predict,
     predict_logits,
+    reestimate_batchnorm,
     to_tensor,
     train_model,
 )
@@ -175,6 +176,24 @@ def test_predict_and_accuracy_agree(small) -> None:
     assert labels.dtype == np.int64 and np.array_equal(labels, logits.argmax(1))
     assert accuracy(model, small, device=CPU) == pytest.approx(float(np.mean(labels == small.labels)))
     assert predict_logits(model, small.images[:0], device=CPU).shape == (0, 10)
+
+
+def test_reestimate_batchnorm_gives_the_data_statistics_of_the_current_weights(small) -> None:
+    """After re-estimation each BatchNorm's running mean is the average of its batch means over the data
+    (here: the first layer's input mean per channel, which a stale EMA would not match)."""
+    model = _model()
+    train_model(model, small, FAST, device=CPU, seed=0)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))  # the weights move; the running statistics do not
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].mean(dim=(0, 2, 3))))
+    reestimate_batchnorm(model, small, device=CPU, batch_size=64)
+    handle.remove()
+    assert not model.training and len(seen) == len(batch_slices(len(small), 64))
+    assert torch.allclose(first.running_mean, torch.stack(seen).mean(dim=0), atol=1e-5)
+    assert first.momentum == 0.1  # restored
 
 
 @pytest.mark.slow
