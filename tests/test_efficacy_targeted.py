@@ -204,8 +204,8 @@ def scratch_victim(train: ImageDataset) -> torch.nn.Module:
 
 def run_scratch(name: str, params: dict, scratch_setup, eps: int = 32,
                 budget: float = 0.02) -> tuple[dict[str, Arm], list[PoisonSet]]:
-    """Craft every key at once (poisons of all keys in one training set), train the attack's victim; the
-    clean victim is the shared one of scratch_setup."""
+    """Craft each key, train one victim on all the keys' poisons at once; the clean victim is the shared
+    one of scratch_setup."""
     train, test, surrogates, keys, clean, _ = scratch_setup
     sets = [craft(name, params, train, test, surrogates, key, eps, budget, seed=2000 + i) for i, key in enumerate(keys)]
     model = scratch_victim(apply(merge(sets), train))

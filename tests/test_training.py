@@ -180,7 +180,7 @@ def test_predict_and_accuracy_agree(small) -> None:
 
 def test_reestimate_batchnorm_gives_the_data_statistics_of_the_current_weights(small) -> None:
     """After re-estimation each BatchNorm's running mean is the average of its batch means over the data
-    (here: the first layer's input mean per channel, which a stale EMA would not match)."""
+    (here: the first BatchNorm's input mean per channel, which a stale EMA would not match)."""
     model = _model()
     train_model(model, small, FAST, device=CPU, seed=0)
     with torch.no_grad():
