@@ -97,14 +97,16 @@ def test_neural_cleanse_false_alarm_on_fashion_mnist_costs_little_clean_accuracy
     """The false alarm of poison_core/defenses/neural_cleanse.py, reproduced on a clean model: class 8
     (bag) has a naturally small reversed trigger and is flagged. Its unlearning used to cost the grid's
     victims up to 42 points; with the BatchNorm re-estimation it costs a few. Measured (2,000 images,
-    width-16 ConvNet, 10 epochs, seed 3): index 3.12 on class 8, clean accuracy 0.796 after unlearning,
-    0.713 without the re-estimation."""
+    width-16 ConvNet, 10 epochs, seed 3): index 3.12 on class 8 (the next class below the median: 0.98), clean
+    accuracy 0.812 -> 0.796 after unlearning, 0.713 without the re-estimation. The flag threshold is 1.5
+    instead of 2 so that another machine's floating-point path still flags class 8 (the grid's models
+    flagged it at indices 2.1-7.0, depending on the run)."""
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=2000, n_test=1000, seed=0))
     victim = VictimConfig(model=ModelConfig(name="convnet", width=16),
                           train=TrainConfig(epochs=10, batch_size=64, lr=0.05, schedule="cosine"))
     ctx = DefenseContext(train=splits.train, victim=victim, seed=3)
     before = evaluate(make_defense("none").fit(ctx).classifier, splits.test)["clean_acc"]
-    result = make_defense("neural_cleanse", {"epochs": 40, "n_samples": 200}).fit(ctx)
+    result = make_defense("neural_cleanse", {"epochs": 40, "n_samples": 200, "anomaly_threshold": 1.5}).fit(ctx)
     after = evaluate(result.classifier, splits.test)["clean_acc"]
     log.info("neural cleanse on a clean Fashion-MNIST model: %s; clean accuracy %.3f -> %.3f", result.info, before,
              after)
