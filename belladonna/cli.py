@@ -69,7 +69,10 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
                                              "default: the digits quick-start."),
         out: Path = typer.Option(Path("runs"), help="Run folder: MLflow store, results.json, default store."),
         store: Optional[str] = typer.Option(None, help="Store root (path or s3://bucket/prefix); "
-                                            "default: $BELLADONNA_STORE or OUT/store.")) -> None:
+                                            "default: $BELLADONNA_STORE or OUT/store."),
+        recompute: list[str] = typer.Option([], help="Recompute although stored (repeatable): a stage (ingest, "
+                                            "pretrain, craft, retrain, evaluate: it and the stages after it), "
+                                            "an attack or defense of the grid, or 'all'. Deletes nothing.")) -> None:
     """Run a benchmark grid (every attack x defense x seed) as a Prefect flow on Ray.
 
     The last line is the command's wall time. Uses OUT's standing services (`belladonna services
@@ -77,9 +80,11 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     from belladonna import session, standing
     from infra.storage import Store
     from tasks.preflight import preflight
+    from tasks.recompute import Recompute
 
     timeline = session.Timeline()
     cfg = _load(config)
+    Recompute.parse(recompute, cfg)
     target = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store"))
     preflight(cfg, target, out)
     root = target.root
@@ -94,11 +99,14 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     services.wait()
     timeline.mark("start-up")
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
-        result = benchmark(config=_text(config), store=root, run_dir=str(out.resolve()))  # writes results.json
+        result = benchmark(config=_text(config), store=root, run_dir=str(out.resolve()),  # writes results.json
+                           recompute=list(recompute) or None)
     timeline.mark("flow")
     console.print(_table(result["summary"], title=f"{cfg.name}: mean over {len(cfg.seeds)} seed(s)"))
-    counts = ", ".join(f"{k} {v}" for k, v in result["computed"].items())
     from infra.mlflow_runs import ui_message
+    from tasks.records import describe_counts
+
+    counts = describe_counts(result["computed_reasons"])
 
     using = "".join(f"; {name} {where} (belladonna services)" for name, where in used.items())
     console.print(f"computed (not reused): {counts}; store {root}{using}", highlight=False)

@@ -29,6 +29,8 @@ from poison_core import presets
 from poison_core.config import BenchmarkConfig, load_benchmark
 from tasks import prefect_tasks as t
 from tasks.preflight import preflight
+from tasks.recompute import Recompute
+from tasks.records import reason_counts, stage_reasons
 from tasks.report import summarize
 from tasks.stages import StageOutput, read_cell
 
@@ -50,38 +52,44 @@ def _checked(config: str | BenchmarkConfig, store: str | None,
 
 @flow(name="benchmark")
 def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
-              tracking_uri: str | None = None) -> dict[str, Any]:
+              tracking_uri: str | None = None, recompute: list[str] | None = None) -> dict[str, Any]:
     """Run every cell of the benchmark `config` (a YAML path, YAML text, or a preset's name such as
     ``nightly``); writes ``run_dir/<name>/results.json`` (what `belladonna report` reads) at the end.
-    `run_dir` defaults to ``$BELLADONNA_RUN_DIR`` (else ``./runs``), so a deployment's worker picks it."""
+    `run_dir` defaults to ``$BELLADONNA_RUN_DIR`` (else ``./runs``), so a deployment's worker picks it.
+    `recompute` names stages, attacks or defenses (or 'all') to recompute although they are stored."""
     started = time.time()
     run_dir = run_dir or Settings.from_env().run_dir
     cfg, root = _checked(config, store, run_dir)
+    force = Recompute.parse(recompute, cfg)
     clock = _Clock()
     with clock("ray"):
         ensure_ray(cfg.execution)
     with warm_tracking(tracking_uri, cfg.name, run_dir) as tracking:
         with clock("ingest"):
-            dataset = t.ingest(root, cfg)
+            dataset = t.ingest(root, cfg, force)
         with clock("pretrain"):
-            surrogates = t.pretrain(root, cfg, dataset.key)
+            surrogates = t.pretrain(root, cfg, dataset.key, force)
         with clock("craft"):
-            poisons = t.craft(root, cfg, dataset.key)
+            poisons = t.craft(root, cfg, dataset.key, force)
         with clock("retrain"):
-            models = t.retrain(root, cfg, dataset.key, poisons)
+            models = t.retrain(root, cfg, dataset.key, poisons, force)
         with clock("evaluate"):
-            cells = t.evaluate(root, cfg, dataset.key, poisons, models)
-        computed = {"ingest": int(dataset.computed), "pretrain": _count(surrogates), "craft": _count(poisons),
-                    "retrain": _count(models), "evaluate": _count(cells)}
+            cells = t.evaluate(root, cfg, dataset.key, poisons, models, force)
+        reasons = stage_reasons({"ingest": {cfg.dataset.name: dataset}, "pretrain": surrogates, "craft": poisons,
+                                 "retrain": models, "evaluate": cells})
+        counts = reason_counts(reasons)
+        computed = {stage: sum(tally.values()) for stage, tally in counts.items()}
         rows = [read_cell(Store(root), c.key) for c in cells.values()]
         with clock("summarize"):
             tracking.join()
             recorded = summarize(root, cfg, dataset.key, rows, {k: v.key for k, v in poisons.items()}, computed,
                                 tracking_uri, run_dir, outputs={"craft": poisons, "retrain": models,
-                                                                "evaluate": cells}, stage_seconds=clock.seconds)
+                                                                "evaluate": cells}, stage_seconds=clock.seconds,
+                                reasons=reasons)
     compute = {"ingest": dataset.seconds, "pretrain": _seconds(surrogates), "craft": _seconds(poisons),
                "retrain": _seconds(models), "evaluate": _seconds(cells)}
     result = {"rows": rows, "summary": recorded["summary"], "mlflow": recorded["mlflow"], "computed": computed,
+              "computed_reasons": counts, "reasons": reasons,
               "stage_seconds": clock.seconds,
               "compute_seconds": {k: round(v, 3) for k, v in compute.items()},
               "poisons": {f"{a}/seed{s}": p.key for (a, s), p in poisons.items()},
@@ -105,10 +113,6 @@ def _write_results(result: dict[str, Any], cfg: BenchmarkConfig, root: str, run_
     atomic_write_bytes(str(path), json.dumps(result, indent=2, default=list).encode())
     log.info("results: %s", path.resolve())
     return result
-
-
-def _count(outputs: dict[Any, StageOutput]) -> int:
-    return sum(o.computed for o in outputs.values())
 
 
 def _seconds(outputs: dict[Any, StageOutput]) -> float:

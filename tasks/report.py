@@ -31,6 +31,7 @@ from poison_core.evaluation import summarize as summarize_rows
 from poison_core.metrics import SUMMARY_COLUMNS, format_value
 from poison_core.models.io import read_metadata
 from poison_core.separability import poison_separability
+from tasks.records import describe_counts, reason_counts
 from tasks.stages import StageOutput, load_splits, read_poisons
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,14 @@ def _escape(text: str, brackets: bool) -> str:
 def summarize(store: str, cfg: BenchmarkConfig, prefix: str, rows: list[dict[str, Any]],
               poison_keys: dict[tuple, str], computed: dict[str, int], tracking_uri: str | None,
               run_dir: str, outputs: dict[str, dict[tuple, StageOutput]] | None = None,
-              stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+              stage_seconds: dict[str, float] | None = None,
+              reasons: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """Aggregate the cells over seeds and record everything in MLflow and Prefect; returns the summary
     and where its MLflow parent run is. `outputs` (the
     craft, retrain and evaluate StageOutputs) date each cell run; `stage_seconds` (the flow's stages so
-    far) dates the parent run back to the start of the benchmark."""
+    far) dates the parent run back to the start of the benchmark; `reasons` (`tasks.records.stage_reasons`)
+    say per stage output why it was computed, or that it was reused."""
+    reasons = reasons or {}
     summary = summarize_rows(rows)
     st = Store(store)
     splits = load_splits(st, prefix)
@@ -84,12 +88,16 @@ def summarize(store: str, cfg: BenchmarkConfig, prefix: str, rows: list[dict[str
         dataset = DatasetRecord(f"{cfg.dataset.name}-train", st.uri(prefix, "train.parquet"), train.checksum(),
                                 len(train), tuple(train.image_shape), train.num_classes)
         record = BenchmarkRecord(
-            name=cfg.name, summary=summary, description=_description(cfg, described, computed, stage_seconds),
-            params=_parent_params(cfg), tags=_parent_tags(cfg, st, dataset.checksum), started=started,
+            name=cfg.name, summary=summary, description=_description(cfg, described, reasons, stage_seconds),
+            params=_parent_params(cfg), started=started,
+            tags={**_parent_tags(cfg, st, dataset.checksum),
+                  **{f"pipeline.reasons.{k}": describe_counts({k: v}) for k, v in reason_counts(reasons).items()}},
             metrics={**{f"pipeline.computed.{k}": float(v) for k, v in computed.items()},
                      **{f"pipeline.seconds.{k}": float(v) for k, v in (stage_seconds or {}).items()}},
             dataset=dataset, figures=parent_figures, cells=cells,
             tables={"summary": flat_summary(summary), "cells": rows,
+                    "recomputed": [{"stage": stage, "output": label, "reason": why}
+                                   for stage, found in reasons.items() for label, why in found.items()],
                     **({"separability": separability} if separability else {})},
             texts={path: markdown + "\n" for path in ("summary.md", "tables/summary.md")})  # readable, not raw
         tracker = Tracker(tracking_uri, experiment=cfg.name, run_dir=run_dir)
@@ -158,12 +166,12 @@ def _parent_tags(cfg: BenchmarkConfig, store: Store, dataset_checksum: str) -> d
             "mlflow.user": getpass.getuser(), "benchmark": cfg.name, "victim_protocol": cfg.victim.protocol}
 
 
-def _description(cfg: BenchmarkConfig, markdown: str, computed: dict[str, int],
+def _description(cfg: BenchmarkConfig, markdown: str, reasons: dict[str, dict[str, str]],
                  stage_seconds: dict[str, float] | None) -> str:
     cells = len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)
     lines = [markdown, "", f"{cells} cells ({len(cfg.attacks)} attacks x {len(cfg.defenses)} defenses x "
              f"{len(cfg.seeds)} seeds), one nested run each: open a cell for its training curves and figures.",
-             "Computed (not reused): " + ", ".join(f"{k} {v}" for k, v in computed.items()) + "."]
+             "Computed (not reused), and why: " + describe_counts(reason_counts(reasons)) + "."]
     if stage_seconds:
         lines.append("Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()) + ".")
     return "\n".join(lines)

@@ -1,11 +1,12 @@
 """The pipeline's stages as plain functions over a Store: each reads its inputs from the store and
-writes its output under a key derived from everything that determines it, and returns at once
-when that output already exists (a rerun after a crash resumes instead of recomputing).
+writes its output under a key derived from everything that determines it (`tasks.keys`), and returns
+at once when that output already exists (a rerun after a crash resumes instead of recomputing), unless
+`force` asks for a recompute. Each says why it computed (`tasks.records`).
 
 They import no Prefect, so Ray workers run them without starting a Prefect server; the Prefect
-tasks in `tasks.prefect_tasks` wrap them. Keys: ``datasets/<hash>/{train,test}.parquet``,
-``poisons/<hash>.parquet``, ``models/<hash>.safetensors``, ``cells/<hash>.json``; a craft in
-progress keeps its checkpoints under ``checkpoints/<poison key>/``.
+tasks in `tasks.prefect_tasks` wrap them. Keys: ``datasets/<name>-<hash>/{train,test}.parquet``,
+``poisons/<attack>-<hash>.parquet``, ``models/<defense>-<hash>.safetensors``, ``cells/cell-<hash>.json``;
+a craft in progress keeps its checkpoints under ``checkpoints/<poison key>/``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from typing import Any
 import torch
 
 from infra.ray_runner import ActorFactory, job_map
-from infra.storage import Store, content_hash
-from poison_core import __version__
+from infra.storage import Store
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.checkpoint import Checkpointer
 from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig, ThreatModel
@@ -36,15 +36,20 @@ from poison_core.errors import AuditError, InputError
 from poison_core.poisons import PoisonSet, apply, poison_mask
 from poison_core.protocols import check_goal, relabelled
 from poison_core.seeding import derive_seed
+from tasks import keys
+from tasks.keys import StageKey, poison_key, surrogate_key
+from tasks.keys import dataset_prefix, model_key  # noqa: F401  (re-exported: callers name stage keys here)
+from tasks.records import REUSED, read_record, reason, write_record
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StageOutput:
-    """Where a stage's output lives, whether this call computed it (False: reused), and the seconds
-    spent in its core compute (the poison_core call: no store I/O, no orchestration), which began at
-    `started` and ended at `ended` (wall clock, seconds since the epoch; 0 when reused)."""
+    """Where a stage's output lives, whether this call computed it (False: reused) and why
+    (`tasks.records`: 'new', 'code changed', ..., or 'reused'), and the seconds spent in its core
+    compute (the poison_core call: no store I/O, no orchestration), which began at `started` and ended
+    at `ended` (wall clock, seconds since the epoch; 0 when reused)."""
 
     key: str
     computed: bool
@@ -52,6 +57,7 @@ class StageOutput:
     seconds: float = 0.0
     started: float = 0.0
     ended: float = 0.0
+    reason: str = REUSED
 
 
 def _node() -> str:
@@ -65,10 +71,26 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def _done(key: str, computed: bool, clock: "_Compute | None" = None) -> StageOutput:
-    if clock is None:
-        return StageOutput(key, computed, _node())
-    return StageOutput(key, computed, _node(), clock.seconds, clock.started, clock.ended)
+class _Run:
+    """One stage call's bookkeeping: whether the stored output can be reused, why not, and its record."""
+
+    def __init__(self, store: Store, stage: StageKey, check: Callable[[], Any], force: bool,
+                 state: Callable[[], str] | None = None) -> None:
+        self.store, self.stage = store, stage
+        self.previous = read_record(store, stage.slot)
+        state = "absent" if force else (state or (lambda: _stored(store, stage.key, check)))()
+        self.reusable = state == "ok"
+        self.reason = REUSED if self.reusable else reason(self.previous, stage, forced=force,
+                                                          damaged=state == "damaged")
+        if not self.reusable:
+            log.info("%s: computing %s (%s)", stage.slot, stage.key, self.reason)
+
+    def done(self, clock: "_Compute | None" = None) -> StageOutput:
+        """The StageOutput, after recording that the slot holds this key."""
+        write_record(self.store, self.stage, self.previous)
+        if clock is None:
+            return StageOutput(self.stage.key, False, _node())
+        return StageOutput(self.stage.key, True, _node(), clock.seconds, clock.started, clock.ended, self.reason)
 
 
 class _Compute:
@@ -89,18 +111,19 @@ class _Compute:
             self.ended = time.time()
 
 
-def _reusable(store: Store, key: str, check: Callable[[], Any]) -> bool:
-    """Whether the stored output at `key` can be reused: it exists and `check` reads it back. A damaged
-    output (truncated, not the format it should be) is quarantined and False returned, so the stage
-    recomputes it. A PoisonSet that reads but breaks its audit is not damage: its AuditError stands."""
+def _stored(store: Store, key: str, check: Callable[[], Any]) -> str:
+    """'ok' when the stored output at `key` can be reused (it exists and `check` reads it back),
+    'absent' when there is none, 'damaged' when it was there but unreadable (truncated, not the format
+    it should be): it is quarantined, so the stage recomputes it. A PoisonSet that reads but breaks its
+    audit is not damage: its AuditError stands."""
     if not store.exists(key):
-        return False
+        return "absent"
     try:
         check()
-        return True
+        return "ok"
     except (InputError, ValueError) as exc:
         store.quarantine(key, " ".join(str(exc).split()))
-        return False
+        return "damaged"
 
 
 def _check_model(store: Store, key: str) -> None:
@@ -118,28 +141,26 @@ def as_store(store: Store | str) -> Store:
     return store if isinstance(store, Store) else Store(store)
 
 
-def _dump(model) -> Any:
-    return model.model_dump(mode="json") if model is not None else None
-
-
-def dataset_prefix(cfg: DatasetConfig) -> str:
-    return f"datasets/{cfg.name}-{content_hash({'dataset': _dump(cfg), 'v': __version__})}"
-
-
-def ingest(store: Store | str, cfg: DatasetConfig) -> StageOutput:
+def ingest(store: Store | str, cfg: DatasetConfig, benchmark: str = "", force: bool = False) -> StageOutput:
     """Load the dataset with its seeded split and store train/test Parquet."""
     store = as_store(store)
-    prefix = dataset_prefix(cfg)
-    splits = [f"{prefix}/{split}.parquet" for split in ("test", "train")]
-    checks = [_reusable(store, key, lambda key=key: store.read_split(key)) for key in splits]
-    if all(checks):
-        return _done(prefix, False)
+    stage = keys.dataset_stage(cfg, benchmark)
+    prefix = stage.key
+
+    def state() -> str:
+        found = [_stored(store, key, lambda key=key: store.read_split(key))
+                 for key in (f"{prefix}/{split}.parquet" for split in ("test", "train"))]
+        return "ok" if found == ["ok", "ok"] else "damaged" if "damaged" in found else "absent"
+
+    run = _Run(store, stage, lambda: None, force, state)
+    if run.reusable:
+        return run.done()
     clock = _Compute()
     with clock():
         splits = load_dataset(cfg)
     for split, data in (("test", splits.test), ("train", splits.train)):  # train last: it marks completion
         write_split(data, store.uri(prefix, f"{split}.parquet"), store.storage_options)
-    return _done(prefix, True, clock)
+    return run.done(clock)
 
 
 def load_splits(store: Store, prefix: str) -> DatasetSplits:
@@ -147,25 +168,21 @@ def load_splits(store: Store, prefix: str) -> DatasetSplits:
     return DatasetSplits(train=read[0], test=read[1])
 
 
-def surrogate_key(cfg: BenchmarkConfig, prefix: str, seed: int, index: int) -> str:
-    payload = {"dataset": prefix, "surrogate": _dump(cfg.surrogate_or_victim()), "seed": seed, "index": index,
-               "v": __version__}
-    return f"models/surrogate-{content_hash(payload)}.safetensors"
-
-
 def pretrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, seed: int, index: int,
-             device: str = "cpu") -> StageOutput:
+             device: str = "cpu", force: bool = False) -> StageOutput:
     """Train surrogate `index` of seed `seed` on the clean training set (the attacker's model)."""
     store = as_store(store)
-    key = surrogate_key(cfg, prefix, seed, index)
-    if _reusable(store, key, lambda: _check_model(store, key)):
-        return _done(key, False)
+    stage = keys.surrogate_stage(cfg, prefix, seed, index)
+    key = stage.key
+    run = _Run(store, stage, lambda: _check_model(store, key), force)
+    if run.reusable:
+        return run.done()
     splits = load_splits(store, prefix)
     clock = _Compute()
     with clock():
         model = train_surrogate(cfg, splits.train, seed, index, torch.device(device))
     save_model(model, store.uri(key), {"role": "surrogate"}, store.storage_options)
-    return _done(key, True, clock)
+    return run.done(clock)
 
 
 def load_surrogates(store: Store, cfg: BenchmarkConfig, prefix: str, seed: int, splits: DatasetSplits,
@@ -179,14 +196,6 @@ def load_surrogates(store: Store, cfg: BenchmarkConfig, prefix: str, seed: int, 
         models.append(model.to(device).eval())
         checksums.append(state_checksum(model))
     return models, checksums
-
-
-def poison_key(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: int) -> str:
-    payload = {"dataset": prefix, "attack": attack.name, "params": attack.params, "seed": seed,
-               "threat": _dump(cfg.threat_for(attack)), "surrogate": _dump(cfg.surrogate_or_victim()),
-               "n_surrogates": cfg.n_surrogates,
-               "v": __version__}
-    return f"poisons/{attack.key}-{content_hash(payload)}.parquet"
 
 
 def expected_threat(cfg: BenchmarkConfig, prefix: str, key: str) -> ThreatModel:
@@ -205,13 +214,15 @@ def read_poisons(store: Store, cfg: BenchmarkConfig, prefix: str, key: str, trai
 
 
 def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: int,
-          device: str = "cpu") -> StageOutput:
+          device: str = "cpu", force: bool = False) -> StageOutput:
     """Craft one attack's PoisonSet for one seed; it is audited before it is written."""
     store = as_store(store)
-    key = poison_key(cfg, prefix, attack, seed)
+    stage = keys.poison_stage(cfg, prefix, attack, seed)
+    key = stage.key
     splits = load_splits(store, prefix)
-    if _reusable(store, key, lambda: read_poisons(store, cfg, prefix, key, splits.train)):
-        return _done(key, False)
+    run = _Run(store, stage, lambda: read_poisons(store, cfg, prefix, key, splits.train), force)
+    if run.reusable:
+        return run.done()
     attacker = make_attack(attack.name, attack.params)
     surrogates, checksums = ([], [])
     if attacker.needs_surrogate:
@@ -233,7 +244,7 @@ def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackC
     store.write_poison_set(key, poison_set, splits.train)
     for stale in store.list(checkpoints):
         store.delete(stale)
-    return _done(key, True, clock)
+    return run.done(clock)
 
 
 def checkpoint_prefix(poison_key_: str) -> str:
@@ -242,19 +253,15 @@ def checkpoint_prefix(poison_key_: str) -> str:
     return f"checkpoints/{stem}"
 
 
-def model_key(cfg: BenchmarkConfig, prefix: str, defense: DefenseConfig, seed: int, poisons: str | None) -> str:
-    payload = {"dataset": prefix, "victim": _dump(cfg.victim), "defense": defense.name, "params": defense.params,
-               "seed": seed, "poisons": poisons, "v": __version__}
-    return f"models/{defense.key}-{content_hash(payload)}.safetensors"
-
-
 def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: DefenseConfig, seed: int,
-            poisons: str | None, device: str = "cpu") -> StageOutput:
+            poisons: str | None, device: str = "cpu", force: bool = False) -> StageOutput:
     """Train the victim under `defense` on the clean (poisons=None) or poisoned training set."""
     store = as_store(store)
-    key = model_key(cfg, prefix, defense, seed, poisons)
-    if _reusable(store, key, lambda: _check_model(store, key)):
-        return _done(key, False)
+    stage = keys.model_stage(cfg, prefix, defense, seed, poisons)
+    key = stage.key
+    run = _Run(store, stage, lambda: _check_model(store, key), force)
+    if run.reusable:
+        return run.done()
     splits = load_splits(store, prefix)
     train, mask = splits.train, None
     if poisons is not None:
@@ -268,7 +275,7 @@ def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: Defe
         result = make_defense(defense.name, defense.params).fit(ctx)
     save_classifier(result.classifier, store.uri(key), {"history": result.history, "info": result.info},
                     store.storage_options)
-    return _done(key, True, clock)
+    return run.done(clock)
 
 
 def _load_classifier(store: Store, cfg: BenchmarkConfig, key: str, splits: DatasetSplits,
@@ -278,12 +285,14 @@ def _load_classifier(store: Store, cfg: BenchmarkConfig, key: str, splits: Datas
 
 
 def evaluate_cell(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: str, defense: str, seed: int,
-                  poisons: str, model: str, clean_model: str, device: str = "cpu") -> StageOutput:
+                  poisons: str, model: str, clean_model: str, device: str = "cpu", force: bool = False) -> StageOutput:
     """Metrics of the poisoned victim and of the clean victim (baseline_*) against the attack's goal."""
     store = as_store(store)
-    key = f"cells/{content_hash({'poisons': poisons, 'model': model, 'clean': clean_model, 'v': __version__})}.json"
-    if _reusable(store, key, lambda: _check_cell(store, key)):
-        return _done(key, False)
+    stage = keys.cell_stage(cfg, attack, defense, seed, poisons, model, clean_model)
+    key = stage.key
+    run = _Run(store, stage, lambda: _check_cell(store, key), force)
+    if run.reusable:
+        return run.done()
     splits = load_splits(store, prefix)
     poison_set = read_poisons(store, cfg, prefix, poisons, splits.train)
     poisoned, info = _load_classifier(store, cfg, model, splits, device)
@@ -294,7 +303,7 @@ def evaluate_cell(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack:
                        info.get("info", {}))
     row.update({"poison_id": poisons, "model_id": model})
     store.write_bytes(key, json.dumps(row, sort_keys=True).encode())
-    return _done(key, True, clock)
+    return run.done(clock)
 
 
 def read_cell(store: Store, key: str) -> dict[str, Any]:

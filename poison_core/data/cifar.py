@@ -136,10 +136,8 @@ def read_folder(folder: Path) -> tuple[ImageDataset, ImageDataset]:
     return train, ImageDataset(test_images, test_labels, classes, name="cifar10/test")
 
 
-@DATASETS.register("cifar10", paper="Krizhevsky, 'Learning Multiple Layers of Features from Tiny Images', 2009",
-                   summary="60,000 32x32 colour images in 10 classes from a local cifar-10-batches-py folder")
-def load_cifar10(cfg: "DatasetConfig") -> DatasetSplits:
-    """CIFAR-10 from cfg.path (the batches folder or its parent), default ~/.cache/belladonna/cifar10."""
+def _batches_folder(cfg: "DatasetConfig") -> Path:
+    """The folder holding the batches (downloaded first when cfg.download asks and it is missing)."""
     root = Path(cfg.path).expanduser() if cfg.path else DEFAULT_ROOT.expanduser()
     folder = resolve_folder(root)
     if folder is None and cfg.download:
@@ -148,6 +146,21 @@ def load_cifar10(cfg: "DatasetConfig") -> DatasetSplits:
     if folder is None:
         raise DatasetError(f"dataset.path: no CIFAR-10 batches ({META_FILE}) in {str(root)!r} or "
                            f"{str(root / BATCHES_DIR)!r}; {CIFAR_HELP}")
+    return folder
+
+
+def cifar10_sources(cfg: "DatasetConfig") -> list[tuple[str, str]]:
+    """The meta file and the six batches the loader reads."""
+    folder = _batches_folder(cfg)
+    return [(name, str(folder / name)) for name in (META_FILE, *TRAIN_BATCHES, TEST_BATCH)]
+
+
+@DATASETS.register("cifar10", paper="Krizhevsky, 'Learning Multiple Layers of Features from Tiny Images', 2009",
+                   summary="60,000 32x32 colour images in 10 classes from a local cifar-10-batches-py folder",
+                   sources=cifar10_sources)
+def load_cifar10(cfg: "DatasetConfig") -> DatasetSplits:
+    """CIFAR-10 from cfg.path (the batches folder or its parent), default ~/.cache/belladonna/cifar10."""
+    folder = _batches_folder(cfg)
     train, test = read_folder(folder)
     logger.info("read CIFAR-10 from %s: %d train, %d test", folder, len(train), len(test))
     return finish_splits(cfg, train, test)

@@ -54,13 +54,17 @@ def read_image(path: Path) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def class_files(root: Path, cls: str) -> list[Path]:
+    """The image files of class `cls` under `root`, in file-name order (what ids count)."""
+    folder = root / cls
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
 def read_class_tree(root: Path, class_names: tuple[str, ...], name: str) -> ImageDataset:
     """All images under root/<class>/ for the given classes; one shared shape is required."""
     images, labels, shape, first = [], [], None, None
     for label, cls in enumerate(class_names):
-        folder = root / cls
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        for path in files:
+        for path in class_files(root, cls):
             image = read_image(path)
             if shape is None:
                 shape, first = image.shape, path
@@ -89,9 +93,8 @@ def _read_train_test(root: Path) -> tuple[ImageDataset, ImageDataset]:
     return train, test
 
 
-@DATASETS.register("imagefolder", summary="a folder of images, one sub-folder per class, optional train/ and test/")
-def load_imagefolder(cfg: "DatasetConfig") -> DatasetSplits:
-    """Images under cfg.path/<class>/ (or cfg.path/{train,test}/<class>/), read with PIL."""
+def _layout(cfg: "DatasetConfig") -> tuple[Path, bool]:
+    """(root, whether it has train/ and test/ sub-folders)."""
     if not cfg.path:
         raise DatasetError("dataset.path: imagefolder needs a folder with one sub-folder per class")
     root = Path(cfg.path).expanduser()
@@ -101,6 +104,22 @@ def load_imagefolder(cfg: "DatasetConfig") -> DatasetSplits:
     if has_train != has_test:
         present, absent = ("train", "test") if has_train else ("test", "train")
         raise DatasetError(f"dataset.path: {str(root)!r} has {present}/ but no {absent}/; give both or neither")
+    return root, has_train
+
+
+def imagefolder_sources(cfg: "DatasetConfig") -> list[tuple[str, str]]:
+    """Every image file the loader reads, named by its path relative to the root."""
+    root, split = _layout(cfg)
+    tops = [root / "train", root / "test"] if split else [root]
+    return [(str(path.relative_to(root)), str(path)) for top in tops for cls in class_folders(top)
+            for path in class_files(top, cls)]
+
+
+@DATASETS.register("imagefolder", summary="a folder of images, one sub-folder per class, optional train/ and test/",
+                   sources=imagefolder_sources)
+def load_imagefolder(cfg: "DatasetConfig") -> DatasetSplits:
+    """Images under cfg.path/<class>/ (or cfg.path/{train,test}/<class>/), read with PIL."""
+    root, has_train = _layout(cfg)
     if has_train:
         train, test = _read_train_test(root)
         logger.info("read image folder %s: %d train, %d test", root, len(train), len(test))

@@ -46,8 +46,16 @@ def split_single_source(cfg: "DatasetConfig", full: ImageDataset, base: str) -> 
     return finish_splits(cfg, train.replace(name=f"{base}/train"), test.replace(name=f"{base}/test"))
 
 
+def digits_sources(cfg: "DatasetConfig") -> list[tuple[str, str]]:
+    """The file scikit-learn reads the digits from (its version's copy of the UCI test set)."""
+    from importlib.resources import files
+
+    return [("digits.csv.gz", str(files("sklearn.datasets") / "data" / "digits.csv.gz"))]
+
+
 @DATASETS.register("digits", paper="Alpaydin & Kaynak, 'Optical Recognition of Handwritten Digits', UCI 1998",
-                   summary="1,797 8x8 grayscale digits shipped with scikit-learn; always available offline")
+                   summary="1,797 8x8 grayscale digits shipped with scikit-learn; always available offline",
+                   sources=digits_sources)
 def load_digits(cfg: "DatasetConfig") -> DatasetSplits:
     """scikit-learn's digits, pixel values 0..16 scaled to 0..255 by round(v * 255 / 16)."""
     from sklearn.datasets import load_digits as sklearn_digits
@@ -78,22 +86,34 @@ def _read_fashion_split(folder: Path, prefix: str, name: str) -> ImageDataset:
     return ImageDataset(images[..., None], labels.astype(np.int64), FASHION_MNIST_CLASSES, name=name)
 
 
-@DATASETS.register("fashion-mnist", paper="Xiao, Rasul & Vollgraf, 'Fashion-MNIST', arXiv:1708.07747, 2017",
-                   summary="70,000 28x28 grayscale clothing images (60k train / 10k test) from the IDX files")
-def load_fashion_mnist(cfg: "DatasetConfig") -> DatasetSplits:
-    """The original IDX files (raw or .gz) in cfg.path, default /usr/share/datasets/fashion-mnist."""
+def _fashion_folder(cfg: "DatasetConfig") -> Path:
     folder = Path(cfg.path or FASHION_MNIST_DIR)
     if not folder.is_dir():
         raise DatasetError(f"dataset.path: fashion-mnist folder {str(folder)!r} does not exist; {FASHION_MNIST_HELP}")
+    return folder
+
+
+def fashion_mnist_sources(cfg: "DatasetConfig") -> list[tuple[str, str]]:
+    """The four IDX files the loader reads."""
+    folder = _fashion_folder(cfg)
+    stems = [f"{split}-{kind}-idx{dim}-ubyte" for split in ("train", "t10k")
+             for kind, dim in (("images", 3), ("labels", 1))]
+    return [(stem, str(_find_idx(folder, stem))) for stem in stems]
+
+
+@DATASETS.register("fashion-mnist", paper="Xiao, Rasul & Vollgraf, 'Fashion-MNIST', arXiv:1708.07747, 2017",
+                   summary="70,000 28x28 grayscale clothing images (60k train / 10k test) from the IDX files",
+                   sources=fashion_mnist_sources)
+def load_fashion_mnist(cfg: "DatasetConfig") -> DatasetSplits:
+    """The original IDX files (raw or .gz) in cfg.path, default /usr/share/datasets/fashion-mnist."""
+    folder = _fashion_folder(cfg)
     train = _read_fashion_split(folder, "train", "fashion-mnist/train")
     test = _read_fashion_split(folder, "t10k", "fashion-mnist/test")
     logger.info("read Fashion-MNIST from %s: %d train, %d test", folder, len(train), len(test))
     return finish_splits(cfg, train, test)
 
 
-@DATASETS.register("parquet", summary="Belladonna Parquet splits (train/test[/val].parquet) in a folder or fsspec URI")
-def load_parquet(cfg: "DatasetConfig") -> DatasetSplits:
-    """train.parquet and test.parquet (optional val.parquet) written by write_split under cfg.path."""
+def _parquet_root(cfg: "DatasetConfig") -> str:
     if not cfg.path:
         raise DatasetError("dataset.path: the parquet dataset needs a folder or URI holding train.parquet "
                            "and test.parquet")
@@ -102,6 +122,21 @@ def load_parquet(cfg: "DatasetConfig") -> DatasetSplits:
         if not exists(f"{root}/{split}.parquet"):
             raise DatasetError(f"dataset.path: {root}/{split}.parquet does not exist; write the splits with "
                                "poison_core.data.write_split")
+    return root
+
+
+def parquet_sources(cfg: "DatasetConfig") -> list[tuple[str, str]]:
+    """train.parquet, test.parquet and val.parquet when present."""
+    root = _parquet_root(cfg)
+    splits = ["train", "test"] + (["val"] if exists(f"{root}/val.parquet") else [])
+    return [(f"{split}.parquet", f"{root}/{split}.parquet") for split in splits]
+
+
+@DATASETS.register("parquet", summary="Belladonna Parquet splits (train/test[/val].parquet) in a folder or fsspec URI",
+                   sources=parquet_sources)
+def load_parquet(cfg: "DatasetConfig") -> DatasetSplits:
+    """train.parquet and test.parquet (optional val.parquet) written by write_split under cfg.path."""
+    root = _parquet_root(cfg)
     train, test = read_split(f"{root}/train.parquet"), read_split(f"{root}/test.parquet")
     val = read_split(f"{root}/val.parquet") if exists(f"{root}/val.parquet") else None
     if train.class_names != test.class_names:
