@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from belladonna.standing import app as standing_app
+from belladonna.store_cli import app as store_app
 from poison_core.errors import AuditError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -152,6 +153,7 @@ def _listing(kind: str) -> None:
 stage_app = typer.Typer(help="Run one stage (and what it needs) as its own Prefect flow.")
 app.add_typer(stage_app, name="stage")
 app.add_typer(standing_app, name="services")
+app.add_typer(store_app, name="store")
 
 
 def _stage(name: str, config: Path, store: Optional[str]) -> None:

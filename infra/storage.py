@@ -174,6 +174,25 @@ class Store:
         keys = (p[len(base):] for p in found if p.startswith(base))
         return sorted(k for k in keys if not (k.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in k))
 
+    def list_details(self, prefix: str = "") -> list[tuple[str, int, float]]:
+        """(key, size in bytes, modification time in seconds since the epoch) under `prefix`, sorted;
+        temp files skipped. S3's LastModified stands for the modification time."""
+        uri = self.uri(prefix) if prefix else self.root
+        with self._guard("list", uri):
+            fs, base = core_io.filesystem(self.root, self.storage_options)
+            _, path = core_io.filesystem(uri, self.storage_options)
+            found = fs.find(path, detail=True) if fs.exists(path) else {}
+        base = base.rstrip("/") + "/"
+        rows = []
+        for name, info in found.items():
+            key = name[len(base):] if name.startswith(base) else None
+            if key is None or (key.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in key):
+                continue
+            modified = info.get("mtime", info.get("LastModified"))
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0.0)
+            rows.append((key, int(info.get("size") or 0), stamp))
+        return sorted(rows)
+
     def delete(self, key: str, missing_ok: bool = True) -> None:
         """Remove `key`; a missing key is fine unless ``missing_ok=False`` (then StorageError)."""
         uri = self.uri(key)
