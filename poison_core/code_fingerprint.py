@@ -110,6 +110,8 @@ def _import_targets(node: ast.AST, package: str, tracked: set[str]) -> list[str]
             parts = package.split(".")
             parts = parts[: len(parts) - node.level + 1]
             base = ".".join([*parts, base] if base else parts)
+        if base.partition(".")[0] not in tracked:  # never look up (and so import) an untracked package
+            return []
         for alias in node.names:
             sub = f"{base}.{alias.name}"
             names.append(sub if _exists(sub) else base)
