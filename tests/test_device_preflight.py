@@ -119,13 +119,13 @@ def test_mps_not_available_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["ray_address", "RAY_ADDRESS"])
-@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
-def test_a_cluster_driver_without_the_device_passes_through(monkeypatch, how, device):
+@pytest.mark.parametrize("name", ["cuda", "cuda:1", "mps"])
+def test_a_cluster_driver_without_the_device_passes_through(monkeypatch, how, name):
     """A CPU-only driver in front of GPU workers: the driver's torch is not asked; the full preflight
     (dataset, config, resources) passes and nothing is written."""
     monkeypatch.setattr(torch.version, "cuda", None)  # the worst driver: not even a CUDA build
     monkeypatch.setattr(torch.backends.mps, "is_built", lambda: False)
-    execution = {"device": device, "num_gpus": 2 if device.startswith("cuda") else 0}
+    execution = {"device": name, "num_gpus": 2 if name.startswith("cuda") else 0}
     if how == "ray_address":
         execution["ray_address"] = "10.0.0.1:6379"
     else:
@@ -136,7 +136,7 @@ def test_a_cluster_driver_without_the_device_passes_through(monkeypatch, how, de
     assert len(splits.train) == 200
     without = {k: v for k, v in execution.items() if k != "ray_address"}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert refusal(**without).startswith(f"execution.device: {device!r}, but torch")
+    assert refusal(**without).startswith(f"execution.device: {name!r}, but torch")
 
 
 def test_cpu_is_never_refused(monkeypatch):
