@@ -1,9 +1,11 @@
 """Shared fixtures: a Prefect test server and Ray teardown (pipeline_helpers), a moto S3 server
-(s3server), and one torch/BLAS thread per test module."""
+(s3server), one torch/BLAS thread per test module, and the torch devices to test on (tests/devices.py)."""
 
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
+
+from tests.devices import DEVICES
 
 pytest_plugins = ["tests.pipeline_helpers", "tests.s3server"]
 
@@ -17,3 +19,10 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request) -> torch.device:
+    """Each available torch device in turn: cpu, and cuda (marked `cuda`, skipped without CUDA). Module
+    scope, so a module's fixtures that train a model can train it once per device."""
+    return request.param

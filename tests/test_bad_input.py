@@ -136,6 +136,8 @@ CASES = [
     ("num-cpus-over-machine", BASE + "execution: {num_cpus: 64}\n", [], "execution.num_cpus: 64 per job"),
     ("num-gpus-without-gpu", BASE + "execution: {num_gpus: 1}\n", [], "execution.num_gpus: 1 per job"),
     ("cuda-without-gpu", BASE + "execution: {device: cuda, num_gpus: 0}\n", [], "execution.device"),
+    ("cuda-index-beyond-job-gpus", BASE + "execution: {device: 'cuda:1', num_gpus: 1}\n", [],
+     "execution.device: 'cuda:1', but a job asks for 1 GPU(s)"),
     ("store-is-a-file", BASE, ["--store", "{tmp}/base.yaml"], "--store"),
     ("store-under-a-file", BASE, ["--store", "{tmp}/base.yaml/store"], "lies under the file"),
     ("out-is-a-file", None, ["run", "{tmp}/base.yaml", "--out", "{tmp}/base.yaml"], "--out"),
