@@ -186,6 +186,9 @@ def poison_key(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: in
                "threat": _dump(cfg.threat_for(attack)), "surrogate": _dump(cfg.surrogate_or_victim()),
                "n_surrogates": cfg.n_surrogates,
                "v": __version__}
+    inputs = getattr(make_attack(attack.name, attack.params), "input_fingerprint", None)
+    if inputs is not None:  # an attack that reads files (imported): their content is part of the key
+        payload["inputs"] = inputs()
     return f"poisons/{attack.key}-{content_hash(payload)}.parquet"
 
 
