@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from poison_core.attacks import CraftContext, make_attack
 from poison_core.config import TargetSelection, ThreatModel
 from poison_core.data.dataset import ImageDataset
 
@@ -26,6 +25,11 @@ def rgb_splits(n_train: int = 60, n_test: int = 20, seed: int = 0) -> tuple[Imag
     return train, test
 
 
+def pil(image: np.ndarray) -> Image.Image:
+    """Image.fromarray as the benchmark's TensorFlow example calls it (2-d for a grayscale image)."""
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
 def benchmark_trial(folder: Path, train: ImageDataset, test: ImageDataset, *, target_index: int = 3,
                     n_poisons: int = 5, eps: int = 8, seed: int = 1, shift_indices: int = 0) -> dict:
     """A trial folder as the benchmark's how_to.md writes it: PIL images from uint8 arrays
@@ -33,19 +37,16 @@ def benchmark_trial(folder: Path, train: ImageDataset, test: ImageDataset, *, ta
     as (PIL image, label); every pickle with HIGHEST_PROTOCOL."""
     rng = np.random.default_rng(seed)
     target_label = int(test.labels[target_index])
-    poisoned_label = (target_label + 1) % 3
-    base_indices = np.flatnonzero(train.labels == poisoned_label)[:n_poisons]
-    bases = train.images[base_indices].astype(np.int16)
+    poisoned_label = (target_label + 1) % len(train.class_names)
+    positions = np.flatnonzero(train.labels == poisoned_label)[:n_poisons]
+    base_indices = train.ids[positions]  # the dataset's original indices
+    bases = train.images[positions].astype(np.int16)
     poisons = np.clip(bases + rng.integers(-eps, eps + 1, bases.shape), 0, 255).astype(np.uint8)
     folder.mkdir(parents=True, exist_ok=True)
-    tuples = [(Image.fromarray(p), poisoned_label) for p in poisons]
+    tuples = [(pil(p), poisoned_label) for p in poisons]
     for name, obj in (("poisons.pickle", tuples), ("base_indices.pickle", base_indices + shift_indices),
-                      ("target.pickle", (Image.fromarray(test.images[target_index]), target_label))):
+                      ("target.pickle", (pil(test.images[target_index]), target_label))):
         with (folder / name).open("wb") as handle:
             pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
     return {"ids": base_indices, "images": poisons, "label": poisoned_label, "target": target_index}
 
-
-def crafted(train: ImageDataset, test: ImageDataset, name: str = "poison_frogs_free", threat: ThreatModel = THREAT):
-    """A Belladonna PoisonSet to export: the imported attack is not needed, a label-keeping one is built."""
-    return make_attack(name).craft(CraftContext(train=train, test=test, threat=threat, seed=0))

@@ -99,11 +99,21 @@ def targeted(target_ids: list[int], adversarial: list[int], test: ImageDataset) 
             "true_classes": true}
 
 
+MISMATCH_SHARE = 0.05
+"""Share of a poison's values that may lie far from its base before it counts as another image."""
+
+
+def mismatch_level(epsilon: int) -> int:
+    """How far from the base a value must be to count as far: well outside any rounding of epsilon."""
+    return min(2 * epsilon + 32, 254)
+
+
 def match(imported: Imported, train: ImageDataset, epsilon: int, what: str) -> np.ndarray:
     """Positions in `train` of the imported ids, after checking that each poison is a perturbation of
-    the base it names: a poison with more than half its values further than `epsilon` from the clean
-    base is a mismatch (wrong index order, wrong dataset); mismatches are refused with their count and
-    the first index. Epsilon itself is the PoisonSet audit's to check."""
+    the base it names: a poison with more than MISMATCH_SHARE of its values further than
+    mismatch_level(epsilon) from the clean base is another image (wrong index order, wrong dataset);
+    mismatches are refused with their count and the first index. A poison only slightly out of the
+    epsilon ball is not a mismatch: epsilon itself is the PoisonSet audit's to check."""
     ids = np.asarray(imported.ids, dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise DatasetError(f"{what}: base indices are not unique")
@@ -117,7 +127,7 @@ def match(imported: Imported, train: ImageDataset, epsilon: int, what: str) -> n
         raise DatasetError(f"{what}: poison images are {imported.images.shape[1:]}, the training images "
                            f"{train.image_shape}")
     diff = np.abs(imported.images.astype(np.int16) - train.images[pos].astype(np.int16))
-    far = (diff > epsilon).reshape(len(ids), -1).mean(axis=1) > 0.5
+    far = (diff > mismatch_level(epsilon)).reshape(len(ids), -1).mean(axis=1) > MISMATCH_SHARE
     if far.any():
         first = int(np.flatnonzero(far)[0])
         raise DatasetError(f"{what}: {int(far.sum())} of {len(ids)} poisons do not match their bases in the clean "
