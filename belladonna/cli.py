@@ -229,6 +229,12 @@ def audit(poisons: Path = typer.Argument(..., help="A PoisonSet Parquet file (lo
                   f"<= {threat.epsilon}/255, {int(ps.flipped.sum())} labels changed", highlight=False)
 
 
+from belladonna.interop_cli import export_poisons, import_poisons  # noqa: E402  (the commands' bodies)
+
+app.command("import")(import_poisons)
+app.command("export")(export_poisons)
+
+
 @app.command()
 def attacks() -> None:
     """List the registered attacks with their paper."""

@@ -13,6 +13,7 @@ from poison_core.attacks import convex_polytope, metapoison, poison_frogs, witch
 from poison_core.attacks import bilevel, generative, influence, p_tampering, pgan, svm_poison  # noqa: F401
 from poison_core.attacks import sig, wanet  # noqa: F401  (registration)
 from poison_core.attacks import bullseye, hidden_trigger, sleeper_agent  # noqa: F401  (registration)
+from poison_core.attacks import imported  # noqa: F401  (registration)
 
 __all__ = ["ATTACKS", "ActorGroup", "Attack", "AttackParams", "CraftContext", "Crafted", "LocalActorGroup", "local_map",
            "make_attack", "register_attack"]

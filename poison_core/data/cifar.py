@@ -1,17 +1,15 @@
 """CIFAR-10 from a local ``cifar-10-batches-py`` folder, read with a restricted unpickler.
 
-The batches are Python pickles. Unpickling runs arbitrary code, so :class:`CifarUnpickler`
-resolves exactly the globals a numpy array needs (``_reconstruct``, ``ndarray``, ``dtype``) and
-refuses every other one. A download (only when ``cfg.download`` is set and the folder is missing)
+The batches are Python pickles. Unpickling runs arbitrary code, so they are read with the restricted
+unpickler of poison_core.interop.safe_pickle, which resolves exactly the globals a numpy array needs
+and refuses every other one. A download (only when ``cfg.download`` is set and the folder is missing)
 fetches and md5-checks the official archive through torchvision's download helper, then reads it
 with the same restricted unpickler.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +19,7 @@ from poison_core.data import DATASETS
 from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.splits import finish_splits
 from poison_core.errors import DatasetError
+from poison_core.interop.safe_pickle import numpy_globals, safe_loads
 
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
@@ -36,42 +35,13 @@ ROW_BYTES = 32 * 32 * 3
 CIFAR_HELP = "set dataset.path to a folder holding cifar-10-batches-py (or dataset.download: true with a network)"
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a CIFAR batch may reference: numpy's array reconstruction."""
-    try:
-        from numpy._core.multiarray import _reconstruct as reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct as reconstruct
-
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves only the numpy array globals and refuses everything else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """The allowed numpy object for (module, name); any other global raises UnpicklingError."""
-        allowed = _allowed_globals()
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden")
-        return allowed[(module, name)]
-
-
 def load_pickle(path: Path) -> Any:
     """Unpickle `path` with CifarUnpickler (encoding='bytes'); any failure raises DatasetError."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"CIFAR file {str(path)!r} cannot be read: {exc.strerror or exc}; {CIFAR_HELP}") from None
-    try:
-        return CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad or hostile file
-        raise DatasetError(f"CIFAR file {str(path)!r} refused: {type(exc).__name__}: {exc}") from None
+    return safe_loads(data, numpy_globals(), f"CIFAR file {str(path)!r}", encoding="bytes")
 
 
 def _field(obj: Any, key: str, path: Path) -> Any:
