@@ -5,7 +5,6 @@ Exit codes: 0 success; 2 bad input (one line on stderr naming the problem); 1 an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -37,8 +36,10 @@ def _source(config: Optional[Path]) -> str | Path:
 
 def _text(config: Optional[Path]) -> str:
     """The config's YAML text, which travels to the flow."""
+    from poison_core.config import read_yaml_text
+
     source = str(_source(config))
-    return Path(source).read_text(encoding="utf-8") if config is not None and source == str(config) else source
+    return read_yaml_text(source) if config is not None and source == str(config) else source
 
 
 def _load(config: Optional[Path]):
@@ -191,16 +192,15 @@ def stage_retrain(config: Path, store: Optional[str] = typer.Option(None, help=S
 @app.command()
 def report(run_folder: Path = typer.Argument(..., help="A run folder (OUT/NAME) or its results.json.")) -> None:
     """Print the results table of a finished run."""
+    from belladonna.results_file import read_results
+
     path = run_folder / "results.json" if run_folder.is_dir() else run_folder
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"run {str(run_folder)!r} has no results.json (expected {path})")
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        summary = result["summary"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{path} is not a Belladonna results file ({type(exc).__name__})") from None
+    result = read_results(path)  # a FIFO, a folder, bad UTF-8 or JSON, wrong types: one line, exit 2
+    summary = [row.model_dump() for row in result.summary]
     console.print(_table(summary, title=f"{path.parent.name}"))
-    for stage, seconds in result.get("stage_seconds", {}).items():
+    for stage, seconds in result.stage_seconds.items():
         console.print(f"{stage:>10}: {seconds:7.1f}s", highlight=False)
 
 

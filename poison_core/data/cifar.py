@@ -21,6 +21,7 @@ from poison_core.data import DATASETS
 from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.splits import finish_splits
 from poison_core.errors import DatasetError
+from poison_core.paths import read_regular
 
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
@@ -64,10 +65,7 @@ class CifarUnpickler(pickle.Unpickler):
 
 def load_pickle(path: Path) -> Any:
     """Unpickle `path` with CifarUnpickler (encoding='bytes'); any failure raises DatasetError."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"CIFAR file {str(path)!r} cannot be read: {exc.strerror or exc}; {CIFAR_HELP}") from None
+    data = read_regular(path, "CIFAR file")
     try:
         return CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad or hostile file

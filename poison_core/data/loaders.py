@@ -62,7 +62,7 @@ def _find_idx(folder: Path, stem: str) -> Path:
     """`folder/stem` or `folder/stem.gz` (also under torchvision's FashionMNIST/raw layout)."""
     for base in (folder, folder / "FashionMNIST" / "raw"):
         for candidate in (base / stem, base / f"{stem}.gz"):
-            if candidate.is_file():
+            if candidate.exists():  # a folder or a FIFO by that name is refused when read
                 return candidate
     raise DatasetError(f"fashion-mnist file {stem!r}(.gz) not found in {str(folder)!r}; {FASHION_MNIST_HELP}")
 
