@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,8 +95,10 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
 
     services.wait()
     timeline.mark("start-up")
+    flow_started = time.time()
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
         result = benchmark(config=_text(config), store=root, run_dir=str(out.resolve()))  # writes results.json
+    _report_quarantined(target, flow_started)
     timeline.mark("flow")
     console.print(_table(result["summary"], title=f"{cfg.name}: mean over {len(cfg.seeds)} seed(s)"))
     counts = ", ".join(f"{k} {v}" for k, v in result["computed"].items())
@@ -106,6 +109,13 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     console.print(ui_message(cfg.name, out.resolve()), markup=False, highlight=False, soft_wrap=True)
     timeline.mark("report")
     session.finish(timeline, services.stop, lambda line: console.print(line, highlight=False))
+
+
+def _report_quarantined(store, started: float) -> None:
+    """One warning (terminal and OUT/logs) per stored output that a stage found damaged, moved aside and
+    recomputed during this flow: the stage's own warning went to its Ray worker's log only."""
+    for key, reason in store.quarantined_since(started):
+        log.warning("damaged stored output quarantined and recomputed: %s (%s)", store.uri(key), reason)
 
 
 COLUMNS = ("attack", "defense", "n_seeds", "clean_acc", "baseline_clean_acc", "acc_drop", "asr", "baseline_asr",
@@ -162,7 +172,9 @@ def _stage(name: str, config: Path, store: Optional[str]) -> None:
     from flows import benchmark as flows
 
     flow = {"ingest": flows.ingest_flow, "craft": flows.craft_flow, "retrain": flows.retrain_flow}[name]
+    flow_started = time.time()
     out = flow(config=_text(config), store=root)
+    _report_quarantined(target, flow_started)
     items = out.items() if isinstance(out, dict) else [("dataset", out)]
     for what, key in items:
         console.print(f"{what}\t{root}/{key}", markup=False, highlight=False)

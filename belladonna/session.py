@@ -88,7 +88,8 @@ def start_watcher() -> None:
 
 
 def on_interrupt(notice: Any) -> None:
-    """Ctrl-C (SIGINT) or SIGTERM: stop every process this command started, print one line, exit 130.
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP: stop every process this command started, print one line, exit 130.
+    (infra.ray_runner keeps these handlers across ray.init, which would replace SIGTERM's.)
 
     Runs in the main thread between bytecodes; it does not unwind through Prefect and Ray (which would
     spend a minute reporting the crash to a server the same Ctrl-C already stopped)."""
@@ -102,8 +103,8 @@ def on_interrupt(notice: Any) -> None:
         sys.stdout.flush()
         os._exit(130)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal was closed
+        signal.signal(signum, handler)
 
 
 class Timeline:
