@@ -71,7 +71,7 @@ def read_regular(path: str | os.PathLike, what: str = "file", limit: int | None 
             raise DatasetError(f"{what} {str(path)!r} is {info.st_size} bytes, more than the limit of {limit}")
         with os.fdopen(fd, "rb", closefd=True) as fh:
             fd = -1
-            data = fh.read(limit + 1)
+            data = fh.read(min(info.st_size, limit) + 1)  # read(n) allocates n bytes up front
     except OSError as exc:
         raise DatasetError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     finally:
