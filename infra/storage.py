@@ -282,6 +282,9 @@ class Store:
 def check_local_folder(path: str | Path, what: str) -> None:
     """InputError naming `what` unless `path` is a writable folder or could be created as one (its
     nearest existing ancestor is a writable folder). Checks only: creates nothing."""
+    from infra.local_checks import check_name_lengths
+
+    check_name_lengths(path, what)  # before any stat, which would raise ENAMETOOLONG
     path = Path(path).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():

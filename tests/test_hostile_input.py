@@ -324,3 +324,52 @@ def test_values_that_pass_but_mean_nothing_are_refused(case, text, expected, tmp
     line = run_refused(bench(tmp_path, text), tmp_path, monkeypatch, capfd)
     assert expected in line, line
     assert "val_fraction" not in line
+
+
+# -- 6. the tracking database and the OS -----------------------------------------------------------------
+
+def _sqlite(path: Path, keep: float) -> None:
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as db:
+        db.execute("create table t (x)")
+        db.executemany("insert into t values (?)", [("a" * 500,)] * 200)
+    db.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)] if keep < 1 else b"this is not a database" * 10)
+
+
+OS_CASES = ["out-name-too-long", "store-name-too-long", "mlflow-db-truncated", "mlflow-db-not-sqlite",
+            "prefect-home-is-a-file", "prefect-home-is-a-fifo"]
+
+
+@pytest.mark.parametrize("case", OS_CASES)
+def test_the_run_folder_and_its_services_are_checked_before_any_work(case, tmp_path, monkeypatch, capfd):
+    config = bench(tmp_path, BASE.replace("badnets", "label_flip") + "threat: {epsilon: 0}\n")
+    out = tmp_path / "out"
+    argv = ["run", str(config), "--out"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    if case == "out-name-too-long":
+        out = tmp_path / ("o" * 300)
+        argv, expected = [*argv, str(out)], ("--out", "300 bytes")
+    elif case == "store-name-too-long":
+        argv, expected = [*argv, str(out), "--store", str(tmp_path / ("s" * 400))], ("--store", "400 bytes")
+    elif case.startswith("mlflow-db"):
+        out.mkdir()
+        _sqlite(out / "mlflow.db", 0.5 if case.endswith("truncated") else 1.0)
+        before = (out / "mlflow.db").read_bytes()
+        argv = [*argv, str(out)]
+        expected = (str(out / "mlflow.db"), "damaged" if case.endswith("truncated") else "not an SQLite database")
+    else:
+        home = tmp_path / "prefect-home"
+        home.write_text("x") if case.endswith("file") else os.mkfifo(home)
+        argv, expected = [*argv, str(out)], (str(home), "PREFECT_HOME", "not a directory")
+    line = refused(argv, monkeypatch, capfd, out if case in ("store-name-too-long", "prefect-home-is-a-file",
+                                                           "prefect-home-is-a-fifo") else None)
+    if case == "out-name-too-long":  # nothing written next to the config (out itself cannot even be stat'ed)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml"]
+    assert all(text in line for text in expected), line
+    if case.startswith("mlflow-db"):
+        assert sorted(p.name for p in out.iterdir()) == ["mlflow.db"] and (out / "mlflow.db").read_bytes() == before
