@@ -97,7 +97,8 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     timeline.mark("start-up")
     flow_started = time.time()
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
-        result = benchmark(config=_text(config), store=root, run_dir=str(out.resolve()))  # writes results.json
+        result = session.off_main_thread(benchmark, config=_text(config), store=root,
+                                         run_dir=str(out.resolve()))  # writes results.json
     _report_quarantined(target, flow_started)
     timeline.mark("flow")
     console.print(_table(result["summary"], title=f"{cfg.name}: mean over {len(cfg.seeds)} seed(s)"))
@@ -173,7 +174,9 @@ def _stage(name: str, config: Path, store: Optional[str]) -> None:
 
     flow = {"ingest": flows.ingest_flow, "craft": flows.craft_flow, "retrain": flows.retrain_flow}[name]
     flow_started = time.time()
-    out = flow(config=_text(config), store=root)
+    from belladonna.session import off_main_thread
+
+    out = off_main_thread(flow, config=_text(config), store=root)
     _report_quarantined(target, flow_started)
     items = out.items() if isinstance(out, dict) else [("dataset", out)]
     for what, key in items:

@@ -107,6 +107,32 @@ def on_interrupt(notice: Any) -> None:
         signal.signal(signum, handler)
 
 
+def off_main_thread(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """`fn(**kwargs)` in a worker thread while the main thread waits, interruptibly, and keeps the signals.
+
+    Prefect's flow engine replaces SIGTERM's handler, in the main thread, with one that raises
+    TerminationSignal; raised inside ``ray.get`` that surfaced as "SystemError: ... returned a result with
+    an exception set", exit 1. Off the main thread Prefect installs no handler (signals are main-thread
+    only), so SIGTERM and SIGHUP reach :func:`on_interrupt`'s handler, as Ctrl-C does."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="belladonna-flow", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # returns to the interpreter often: signal handlers run between joins
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 class Timeline:
     """This command's wall time, from its process's start (read from /proc, so the interpreter's own
     start-up and every import count) to now, in named phases: `mark(phase)` ends a phase."""
