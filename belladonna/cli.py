@@ -5,10 +5,10 @@ Exit codes: 0 success; 2 bad input (one line on stderr naming the problem); 1 an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,8 +38,10 @@ def _source(config: Optional[Path]) -> str | Path:
 
 def _text(config: Optional[Path]) -> str:
     """The config's YAML text, which travels to the flow."""
+    from poison_core.config import read_yaml_text
+
     source = str(_source(config))
-    return Path(source).read_text(encoding="utf-8") if config is not None and source == str(config) else source
+    return read_yaml_text(source) if config is not None and source == str(config) else source
 
 
 def _load(config: Optional[Path]):
@@ -99,9 +101,11 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
 
     services.wait()
     timeline.mark("start-up")
+    flow_started = time.time()
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
-        result = benchmark(config=_text(config), store=root, run_dir=str(out.resolve()),  # writes results.json
-                           recompute=list(recompute) or None)
+        result = session.off_main_thread(benchmark, config=_text(config), store=root,  # writes results.json
+                                         run_dir=str(out.resolve()), recompute=list(recompute) or None)
+    _report_quarantined(target, flow_started)
     timeline.mark("flow")
     console.print(_table(result["summary"], title=f"{cfg.name}: mean over {len(cfg.seeds)} seed(s)"))
     from infra.mlflow_runs import ui_message
@@ -114,6 +118,13 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     console.print(ui_message(cfg.name, out.resolve()), markup=False, highlight=False, soft_wrap=True)
     timeline.mark("report")
     session.finish(timeline, services.stop, lambda line: console.print(line, highlight=False))
+
+
+def _report_quarantined(store, started: float) -> None:
+    """One warning (terminal and OUT/logs) per stored output that a stage found damaged, moved aside and
+    recomputed during this flow: the stage's own warning went to its Ray worker's log only."""
+    for key, reason in store.quarantined_since(started):
+        log.warning("damaged stored output quarantined and recomputed: %s (%s)", store.uri(key), reason)
 
 
 COLUMNS = ("attack", "defense", "n_seeds", "clean_acc", "baseline_clean_acc", "acc_drop", "asr", "baseline_asr",
@@ -171,7 +182,11 @@ def _stage(name: str, config: Path, store: Optional[str]) -> None:
     from flows import benchmark as flows
 
     flow = {"ingest": flows.ingest_flow, "craft": flows.craft_flow, "retrain": flows.retrain_flow}[name]
-    out = flow(config=_text(config), store=root)
+    flow_started = time.time()
+    from belladonna.session import off_main_thread
+
+    out = off_main_thread(flow, config=_text(config), store=root)
+    _report_quarantined(target, flow_started)
     items = out.items() if isinstance(out, dict) else [("dataset", out)]
     for what, key in items:
         console.print(f"{what}\t{root}/{key}", markup=False, highlight=False)
@@ -201,16 +216,15 @@ def stage_retrain(config: Path, store: Optional[str] = typer.Option(None, help=S
 @app.command()
 def report(run_folder: Path = typer.Argument(..., help="A run folder (OUT/NAME) or its results.json.")) -> None:
     """Print the results table of a finished run."""
+    from belladonna.results_file import read_results
+
     path = run_folder / "results.json" if run_folder.is_dir() else run_folder
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"run {str(run_folder)!r} has no results.json (expected {path})")
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        summary = result["summary"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{path} is not a Belladonna results file ({type(exc).__name__})") from None
+    result = read_results(path)  # a FIFO, a folder, bad UTF-8 or JSON, wrong types: one line, exit 2
+    summary = [row.model_dump() for row in result.summary]
     console.print(_table(summary, title=f"{path.parent.name}"))
-    for stage, seconds in result.get("stage_seconds", {}).items():
+    for stage, seconds in result.stage_seconds.items():
         console.print(f"{stage:>10}: {seconds:7.1f}s", highlight=False)
 
 

@@ -88,7 +88,8 @@ def start_watcher() -> None:
 
 
 def on_interrupt(notice: Any) -> None:
-    """Ctrl-C (SIGINT) or SIGTERM: stop every process this command started, print one line, exit 130.
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP: stop every process this command started, print one line, exit 130.
+    (infra.ray_runner keeps these handlers across ray.init, which would replace SIGTERM's.)
 
     Runs in the main thread between bytecodes; it does not unwind through Prefect and Ray (which would
     spend a minute reporting the crash to a server the same Ctrl-C already stopped)."""
@@ -102,8 +103,34 @@ def on_interrupt(notice: Any) -> None:
         sys.stdout.flush()
         os._exit(130)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal was closed
+        signal.signal(signum, handler)
+
+
+def off_main_thread(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """`fn(**kwargs)` in a worker thread while the main thread waits, interruptibly, and keeps the signals.
+
+    Prefect's flow engine replaces SIGTERM's handler, in the main thread, with one that raises
+    TerminationSignal; raised inside ``ray.get`` that surfaced as "SystemError: ... returned a result with
+    an exception set", exit 1. Off the main thread Prefect installs no handler (signals are main-thread
+    only), so SIGTERM and SIGHUP reach :func:`on_interrupt`'s handler, as Ctrl-C does."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="belladonna-flow", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # returns to the interpreter often: signal handlers run between joins
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class Timeline:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import contextlib
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -51,7 +54,8 @@ def ensure_ray(resources: ExecutionConfig) -> None:
         try:
             # "local": a new local instance, never a `ray start` cluster that happens to be recorded in
             # /tmp/ray/ray_current_cluster (another user's, or a dead one); RAY_ADDRESS=auto joins that.
-            ray.init(address=address or "local", **kwargs)
+            with _keep_signal_handlers():
+                ray.init(address=address or "local", **kwargs)
             break
         except Exception as exc:  # Ray raises a bare Exception when its raylet misses a fixed 30 s start-up
             if address is not None or "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS - 1:
@@ -80,6 +84,23 @@ def job_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 class ClusterError(BelladonnaError):
     """The Ray cluster cannot be reached, or none of its nodes can ever run a job as configured."""
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers():
+    """Keep the driver's own SIGTERM / SIGHUP handlers across ray.init, which replaces SIGTERM's with
+    ``sys.exit``: raised inside ``ray.get`` that SystemExit surfaces as "SystemError: ... returned a result
+    with an exception set" instead of the command's clean stop (exit 130, "rerun to resume")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if callable(handler) or handler in (signal.SIG_IGN,):  # a handler the process chose, not the default
+                signal.signal(sig, handler)
 
 
 def _probe(address: str, timeout: float) -> None:

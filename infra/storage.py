@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import contextlib
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,9 @@ from poison_core.data.parquet import read_split
 from poison_core.config import ThreatModel
 from poison_core.errors import AuditError, BelladonnaError, InputError
 from poison_core.poisons import PoisonSet
+
+REASONS = "quarantine-reasons"
+"""``quarantine-reasons/<UTC time>/<key>``: why the output at ``quarantine/<UTC time>/<key>`` was moved aside."""
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +224,21 @@ class Store:
             if not self.is_s3:
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
             fs.mv(source, dest)
+        with contextlib.suppress(Exception):  # the reason beside it, for the driver's report (best effort)
+            core_io.atomic_write_bytes(self.uri(REASONS, stamp, key), reason.encode(), self.storage_options)
         log.warning("damaged output %s (%s): moved to %s and recomputed", source_uri, reason, target_uri)
         return target
+
+    def quarantined_since(self, started: float) -> list[tuple[str, str]]:
+        """(key moved aside, reason) for every output quarantined at or after `started` (seconds since the
+        epoch, whole-second resolution): what a driver reports, since a worker's warning stays in its log."""
+        since = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(started)))
+        found = []
+        for key in self.list(REASONS):
+            _, stamp, moved = key.split("/", 2)
+            if stamp >= since:
+                found.append((f"quarantine/{stamp}/{moved}", self.read_bytes(key).decode("utf-8", "replace")))
+        return found
 
     def write_poison_set(self, key: str, poison_set: PoisonSet, train: ImageDataset) -> str:
         """Audit and atomically write a PoisonSet at `key`, recording the key in its provenance (what
@@ -284,6 +301,9 @@ class Store:
 def check_local_folder(path: str | Path, what: str) -> None:
     """InputError naming `what` unless `path` is a writable folder or could be created as one (its
     nearest existing ancestor is a writable folder). Checks only: creates nothing."""
+    from infra.local_checks import check_name_lengths
+
+    check_name_lengths(path, what)  # before any stat, which would raise ENAMETOOLONG
     path = Path(path).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():

@@ -17,14 +17,26 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFu
 
 from poison_core.config_errors import format_validation_error
 from poison_core.errors import ConfigError, InputError
+from poison_core.paths import read_text
+from poison_core.strict_numbers import refuse_bools
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_CONFIG_BYTES = 4 * 2**20
+"""Largest benchmark YAML (a grid of hundreds of cells is a few KiB)."""
+MAX_YAML_DEPTH = 32
+"""Deepest nesting a benchmark YAML may have (the config schema itself is under 8 levels deep)."""
 
 
 class StrictModel(BaseModel):
     """Base of every config: immutable, no unknown keys."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """``true`` is not 1: a bool where a number is meant is refused (poison_core.strict_numbers)."""
+        return refuse_bools(cls, data)
 
 
 class DatasetConfig(StrictModel):
@@ -316,13 +328,18 @@ class BenchmarkConfig(StrictModel):
 
 def load_benchmark(source: str | Path) -> BenchmarkConfig:
     """Load a benchmark from a YAML file path (or YAML text starting with a newline or '{')."""
-    text = _read_yaml_text(source)
+    text = read_yaml_text(source)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:  # yaml's composer recurses once per level of nesting
+        raise ConfigError(f"malformed YAML: nested deeper than Python's recursion limit allows "
+                          f"(a benchmark needs fewer than {MAX_YAML_DEPTH} levels)") from None
+    if _depth(raw) > MAX_YAML_DEPTH:
+        raise ConfigError(f"malformed YAML: nested more than {MAX_YAML_DEPTH} levels deep")
     if not isinstance(raw, dict):
         raise ConfigError(f"benchmark config must be a YAML mapping, got {type(raw).__name__}")
     return parse_config(BenchmarkConfig, raw)
@@ -338,10 +355,18 @@ def parse_config(model: type[StrictModel], raw: Any) -> Any:
         raise ConfigError(str(exc)) from None
 
 
-def _read_yaml_text(source: str | Path) -> str:
+def read_yaml_text(source: str | Path) -> str:
     if isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{")):
         return source
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    return path.read_text(encoding="utf-8")
+    try:
+        return read_text(source, "config file", limit=MAX_CONFIG_BYTES)
+    except InputError as exc:  # a FIFO, a folder, invalid UTF-8, a huge file: one line naming the path
+        raise ConfigError(str(exc)) from None
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """Nesting depth of parsed YAML, stopping once it passes MAX_YAML_DEPTH (no deep recursion)."""
+    if level > MAX_YAML_DEPTH or not isinstance(value, (dict, list)):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(child, level + 1) for child in children), default=level + 1)

@@ -14,11 +14,13 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"]) or model.__name__
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "bool_for_number":  # raised by the model, about one of its fields
+        loc, msg = ".".join([*(str(p) for p in first["loc"]), first["ctx"]["field"]]), msg.split(": ", 1)[1]
     details = []
     bounds = _bounds_text(model, first["loc"])
     if bounds and first["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
         details.append(f"allowed: {bounds}")
-    if first["type"] not in {"missing", "value_error", "assertion_error"} and "input" in first:
+    if first["type"] not in {"missing", "value_error", "assertion_error", "bool_for_number"} and "input" in first:
         value = first["input"]
         if not isinstance(value, (dict, list)):
             details.append(f"got {value!r}")

@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from poison_core.errors import DatasetError
 from poison_core.limits import check_bytes
+from poison_core.paths import read_regular
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
@@ -46,8 +47,12 @@ def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):  # a FIFO, a folder or a device is refused before it is opened
+        return read_regular(path, "file")
     if not fs.exists(path):
         raise DatasetError(f"file {uri!r} does not exist")
+    if fs.isdir(path):
+        raise DatasetError(f"file {uri!r} is a directory, not a regular file")
     return fs.cat_file(path)
 
 

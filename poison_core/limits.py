@@ -7,10 +7,9 @@ it holds. Every reader checks the claim against these bounds first and raises on
 
 from __future__ import annotations
 
-import gzip
-import io
 import math
 import zlib
+from typing import Callable
 
 from poison_core.errors import DatasetError
 
@@ -20,6 +19,8 @@ MAX_IMAGE_SIDE = 8192
 """Largest image height or width, in pixels."""
 MAX_IMAGE_PIXELS = 4096 * 4096
 """Largest image area, in pixels (decoded before any resize)."""
+_STEP = 2**20
+_HEADER_PREFIX = 4 + 4 * 255  # enough decoded bytes for any header size_of reads (an IDX header is at most this)
 
 
 def check_bytes(claimed: int, what: str, limit: int | None = None) -> None:
@@ -41,14 +42,40 @@ def product(dims: tuple[int, ...] | list[int]) -> int:
     return math.prod(int(d) for d in dims)
 
 
-def gunzip(data: bytes, what: str, limit: int | None = None) -> bytes:
-    """Decompress a gzip stream, stopping with DatasetError once it passes `limit` bytes (a gzip bomb)."""
-    limit = MAX_DECODED_BYTES if limit is None else limit
-    with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
-        try:
-            out = stream.read(limit + 1)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise DatasetError(f"{what} is a truncated or corrupt gzip stream: {exc}") from None
-    if len(out) > limit:
-        raise DatasetError(f"{what} decompresses to more than the limit of {limit} bytes")
-    return out
+def gunzip(data: bytes, what: str, limit: int | None = None,
+           size_of: Callable[[bytes], int | None] | None = None) -> bytes:
+    """Decompress a gzip stream (every member) in 1 MiB steps, stopping with DatasetError once the output
+    passes `limit` bytes (a gzip bomb) or the size the payload's own header declares: `size_of(prefix)`
+    returns that size once the decoded prefix holds the header (None before). Memory never exceeds the
+    bound plus one step, whatever the stream's trailer claims."""
+    cap = MAX_DECODED_BYTES if limit is None else limit
+    declared: int | None = None
+    out = bytearray()
+    rest = data
+    try:
+        while rest:
+            stream = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer (RFC 1952)
+            pending = rest
+            while not stream.eof:
+                piece = stream.decompress(pending, _STEP)
+                pending = stream.unconsumed_tail
+                out += piece
+                if declared is None and size_of is not None:
+                    declared = size_of(bytes(out[:_HEADER_PREFIX]))
+                    if declared is not None and declared > cap:
+                        raise DatasetError(f"{what} decompresses to more than the limit of {cap} bytes "
+                                           f"(its header declares {declared})")
+                    cap = cap if declared is None else declared
+                if len(out) > cap:
+                    where = "its header's" if declared is not None and cap == declared else "the limit of"
+                    raise DatasetError(f"{what} decompresses to more than {where} {cap} bytes")
+                if not piece and not pending and not stream.eof:
+                    raise DatasetError(f"{what} is a truncated or corrupt gzip stream: it ends before its trailer")
+            rest = stream.unused_data
+            if rest and not rest.startswith(b"\x1f\x8b"):
+                if rest.strip(b"\x00"):
+                    raise DatasetError(f"{what} has {len(rest)} bytes of trailing garbage after its gzip stream")
+                break
+    except zlib.error as exc:
+        raise DatasetError(f"{what} is a truncated or corrupt gzip stream: {exc}") from None
+    return bytes(out)

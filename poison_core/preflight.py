@@ -25,8 +25,7 @@ def check_benchmark(cfg: BenchmarkConfig, splits: DatasetSplits) -> None:
 
     train, test = splits.train, splits.test
     if len(train) < 2:
-        raise ConfigError(f"dataset.val_fraction: leaves {len(train)} training sample(s) of dataset "
-                          f"{cfg.dataset.name!r}; need at least 2 (allowed: 0 <= val_fraction < 1)")
+        raise ConfigError(_too_few_training_samples(cfg, splits))
     from poison_core.models import build_model
 
     for field, recipe in (("victim", cfg.victim), ("surrogate", cfg.surrogate)):
@@ -65,6 +64,17 @@ def check_benchmark(cfg: BenchmarkConfig, splits: DatasetSplits) -> None:
                 raise ConfigError(f"{scope}.targets.target_ids: test id {missing[0]} is not in the test split "
                                   f"({len(test)} samples)")
     check_local_resources(cfg.execution)
+
+
+def _too_few_training_samples(cfg: BenchmarkConfig, splits: DatasetSplits) -> str:
+    """The line for a training split of under 2 samples, blaming the setting that made it so."""
+    ds, left = cfg.dataset, len(splits.train)
+    if ds.val_fraction > 0 and splits.val is not None and len(splits.val):
+        return (f"dataset.val_fraction: {ds.val_fraction} leaves {left} training sample(s) of dataset {ds.name!r}; "
+                "need at least 2 (allowed: 0 <= val_fraction < 1)")
+    if ds.n_train is not None:
+        return f"dataset.n_train: {ds.n_train} leaves {left} training sample(s); need at least 2 (allowed: n_train >= 2)"
+    return f"dataset: {ds.name!r} has {left} training sample(s); need at least 2"
 
 
 def check_local_resources(execution: ExecutionConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infra.local_checks import check_prefect_home, check_tracking_db
 from infra.storage import Store, check_local_folder
 from poison_core.config import BenchmarkConfig
 from poison_core.data import DatasetSplits, load_dataset
@@ -20,6 +21,8 @@ def preflight(cfg: BenchmarkConfig, store: Store | None = None, run_dir: str | P
     returns the dataset's splits (read once here, so a missing or corrupt file is reported now)."""
     if run_dir is not None:
         check_local_folder(run_dir, "--out")
+        check_tracking_db(run_dir)
+        check_prefect_home()
     if store is not None:
         store.check_writable()
     splits = load_dataset(cfg.dataset)

@@ -153,7 +153,7 @@ def test_bad_parameter_is_one_config_error_line(name, params, message):
     ("sig", {"target_class": 5}, {}, r"params.target_class: 5 is outside 0..4"),
     ("wanet", {"target_class": 9}, {}, r"params.target_class: 9 is outside 0..4"),
     ("wanet", {"k": 9}, {}, r"params.k: 9 control points exceed the 8x8 image \(allowed: 2..8\)"),
-    ("sig", {}, {"epsilon": 0}, r"threat.epsilon: the sig signal needs epsilon >= 1"),
+    ("sig", {}, {"epsilon": 0}, r"threat.epsilon: 0 leaves sig nothing to change"),  # refused by check_threat, in preflight
     ("wanet", {}, {"epsilon": 0}, r"threat.epsilon: the warp needs epsilon >= 1"),
 ])
 def test_parameter_that_does_not_fit_the_data_or_threat(name, params, threat, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,8 +74,22 @@ def _fixtures(tmp: Path) -> dict[str, str]:
     one.mkdir(parents=True)
     for i in range(30):
         Image.fromarray(np.full((8, 8), i * 8, np.uint8)).save(one / f"{i}.png")
+    pqdir = tmp / "pqdir"  # train.parquet is a folder
+    write_split(small, str(pqdir / "test.parquet"))
+    (pqdir / "train.parquet").mkdir()
+    pqfifo = tmp / "pqfifo"  # train.parquet is a FIFO: reading it used to block for ever
+    write_split(small, str(pqfifo / "test.parquet"))
+    os.mkfifo(pqfifo / "train.parquet")
+    mismatch = tmp / "mismatch"  # 8x8 train, 9x9 test
+    write_split(small, str(mismatch / "train.parquet"))
+    write_split(ImageDataset(np.zeros((4, 9, 9, 1), np.uint8), np.arange(4) % 2, ("a", "b")),
+                str(mismatch / "test.parquet"))
+    (tmp / "latin1.yaml").write_bytes(BASE.replace("name: t", "name: caf\xe9").encode("latin-1"))
+    (tmp / "nan-run").mkdir()
+    (tmp / "nan-run" / "results.json").write_text('{"summary": [{"attack": "a", "defense": "b", "n_seeds": 1, '
+                                                  '"clean_acc": NaN}]}')
     return {"idx": str(idx), "pq": str(pq), "tampered": str(tampered), "imgs": str(folder),
-            "oneclass": str(tmp / "oneclass")}
+            "oneclass": str(tmp / "oneclass"), "pqdir": str(pqdir), "pqfifo": str(pqfifo), "mismatch": str(mismatch)}
 
 
 CASES = [
@@ -145,9 +161,32 @@ CASES = [
     ("report-missing", None, ["report", "{tmp}/nowhere"], "has no results.json"),
     ("protocol-unknown", BASE + "victim: {protocol: moco}\n", [], "victim.protocol: Input should be"),
     ("transfer-without-source", BASE + "victim: {protocol: transfer}\n", [], "protocol 'transfer' needs pretrain"),
+    # paths that are not regular files
+    ("train-parquet-is-a-folder", BASE.replace("{name: digits,", "{name: parquet, path: {pqdir},"), [],
+     "train.parquet' is a directory, not a regular file"),
+    ("train-parquet-is-a-fifo", BASE.replace("{name: digits,", "{name: parquet, path: {pqfifo},"), [],
+     "train.parquet' is a FIFO (named pipe), not a regular file"),
+    ("audit-a-folder", None, ["audit", "{tmp}/idx", "{tmp}/base.yaml"], "idx' is a directory"),
+    # text that is not what it claims
+    ("config-not-utf8", None, ["validate", "{tmp}/latin1.yaml"], "latin1.yaml' is not UTF-8 text"),
+    ("config-too-deep", BASE + "x: " + "[" * 3000 + "]" * 3000 + "\n", [], "malformed YAML: nested"),
+    ("report-nan", None, ["report", "{tmp}/nan-run"], "NaN is not a JSON number"),
+    # splits that do not fit together
+    ("splits-differ-in-size", BASE.replace("{name: digits,", "{name: parquet, path: {mismatch},")
+     .replace("badnets", "label_flip") + "threat: {epsilon: 0, budget: 0.5}\n", [], "image size 9x9x1"),
+    # values that pass but mean nothing
+    ("seeds-true", BASE + "seeds: [true]\n", [], "seeds: true is a boolean"),
+    ("epochs-true", BASE + "victim: {train: {epochs: true}}\n", [], "victim.train.epochs: true is a boolean"),
+    ("clean-noise-under-epsilon-0", BASE.replace("badnets", "error_min") + "threat: {epsilon: 0, clean_label: true}\n",
+     [], "threat.epsilon: 0 leaves error_min nothing to change"),
+    ("n-train-one", BASE.replace("n_train: 200", "n_train: 1"), [], "dataset.n_train: 1 leaves"),
     ("relabel-as-many-groups-as-classes", BASE + "victim: {protocol: relabel, relabel_classes: 10}\n", [],
      "victim.relabel_classes: 10 must be below the dataset's 10 classes"),
 ]
+
+
+def _expired(*_):
+    raise TimeoutError("the command did not answer within 120 s")
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +209,13 @@ def test_bad_input(case_id, text, argv, expected, files, tmp_path, monkeypatch, 
         config.write_text(text)
         args = ["run", str(config), "--out", str(out), *args]
     monkeypatch.setattr(sys, "argv", ["belladonna", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
+    signal.signal(signal.SIGALRM, _expired)
+    signal.alarm(120)  # a command that blocks (a FIFO read) fails the case instead of hanging the suite
+    try:
+        with pytest.raises(SystemExit) as info:
+            main()
+    finally:
+        signal.alarm(0)
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert info.value.code == 2, err

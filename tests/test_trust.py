@@ -171,3 +171,28 @@ def test_unreachable_ray_address_fails_within_the_connect_timeout():
         assert time.monotonic() - start < 30
     with pytest.raises(ClusterError, match="is not host:port"):
         _probe("nonsense", timeout=1.0)
+
+
+def test_the_driver_hears_of_every_quarantined_output(stored, caplog):
+    """A worker's warning stays in its own log: the store keeps why each output was moved aside, and the
+    command that ran the flow reports each one (belladonna.cli._report_quarantined)."""
+    import time
+
+    store, cfg, prefix, keys = stored
+    started = time.time()
+    store.write_bytes(keys["model"], b"this is not safetensors")
+    store.write_bytes(keys["cell"], b"{not json")
+    assert stages.retrain(store, cfg, prefix, cfg.defenses[0], 0, keys["poisons"]).computed
+    assert stages.evaluate_cell(store, cfg, prefix, cfg.attacks[0].key, cfg.defenses[0].key, 0, keys["poisons"],
+                                keys["model"], keys["clean"]).computed
+    found = dict(store.quarantined_since(started))
+    assert {k.split("/", 2)[2] for k in found} == {keys["model"], keys["cell"]}
+    assert all(store.read_bytes(k) for k in found)  # each names the moved file, which is there
+    assert any("safetensors" in reason for reason in found.values())
+    assert store.quarantined_since(started + 3600) == []
+    from belladonna.cli import _report_quarantined
+
+    with caplog.at_level("WARNING", logger="belladonna"):
+        _report_quarantined(store, started)
+    said = [r.getMessage() for r in caplog.records if r.name == "belladonna"]
+    assert len(said) == 2 and any(store.uri(keys["model"]).rsplit("/", 1)[-1] in m for m in said)

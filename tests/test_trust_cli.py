@@ -171,6 +171,23 @@ def test_ctrl_c_stops_within_seconds_exits_130_and_the_rerun_resumes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_the_driver_as_ctrl_c_does(tmp_path, signum):
+    """kill (SIGTERM) or a closed terminal (SIGHUP) sent to the driver alone, while ray.get waits: the
+    same clean stop as Ctrl-C. Ray's ray.init replaced SIGTERM's handler with sys.exit, which ended as
+    "failed: SystemError: ... returned a result with an exception set", exit 1."""
+    with _mid_run(tmp_path) as (_, out, _, proc, seen):
+        os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=90)
+        left = _alive(seen, 45)
+    lines = _lines(err)
+    assert proc.returncode == 130, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted: stopped by {signum.name}"), err[-3000:]
+    assert "SystemError" not in err and left == []
+    assert not [p for p in (out / "store").rglob("*") if p.is_file() and ".tmp-" in p.name]
+
+
+@pytest.mark.slow
 def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
     with _mid_run(tmp_path) as (_, _, _, proc, seen):
         seen.update(descendants(proc.pid))

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from poison_core.checkpoint import Checkpointer
@@ -23,12 +23,19 @@ from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.poisons import PoisonSet, audit
 from poison_core.registry import Registry
+from poison_core.strict_numbers import refuse_bools
 
 
 class AttackParams(BaseModel):
     """Base of every attack's parameter model: frozen, unknown keys forbidden."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """``true`` is not 1: a bool where a number is meant is refused (poison_core.strict_numbers)."""
+        return refuse_bools(cls, data)
 
 
 class ActorGroup(Protocol):
@@ -104,6 +111,10 @@ class Attack(ABC):
     Params: ClassVar[type[AttackParams]] = AttackParams
     label_policy: ClassVar[Literal["clean", "dirty", "any"]] = "any"
     needs_surrogate: ClassVar[bool] = False
+    perturbation_only: ClassVar[bool] = False
+    """Whether each poison differs from its clean image only by a pixel change within threat.epsilon (plus a
+    new label where the attack changes labels): under epsilon 0 and clean labels such an attack changes
+    nothing, and check_threat refuses it rather than run a benchmark of unchanged data."""
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None) -> None:
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
@@ -114,6 +125,14 @@ class Attack(ABC):
             raise ConfigError(f"threat.clean_label: {self.name} changes labels; set clean_label: false")
         if self.label_policy == "clean" and not threat.clean_label:
             raise ConfigError(f"threat.clean_label: {self.name} is a clean-label attack; set clean_label: true")
+        if threat.epsilon == 0 and threat.clean_label and self.changes_only_within_epsilon(threat):
+            raise ConfigError(f"threat.epsilon: 0 leaves {self.name} nothing to change: its poisons differ from the "
+                              "clean images only within epsilon and keep their labels (allowed: 1 <= epsilon <= 255)")
+
+    def changes_only_within_epsilon(self, threat: ThreatModel) -> bool:
+        """Whether every change to an image is bounded by threat.epsilon (default: `perturbation_only`);
+        an attack with a second kind of change (a colour shift) overrides it."""
+        return self.perturbation_only
 
     def check_dataset(self, train: ImageDataset) -> None:
         """Refuse parameters that do not fit this dataset (class ids, trigger size); runs before any work."""

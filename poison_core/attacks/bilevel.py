@@ -58,6 +58,7 @@ class Bilevel(Attack):
     summary = "availability: poisons ascend a convex learner's validation loss through its KKT conditions"
     Params = BilevelParams
     label_policy = "any"
+    perturbation_only = True
 
     def check_dataset(self, train: ImageDataset) -> None:
         check_classes(self.params.classes, train.num_classes)

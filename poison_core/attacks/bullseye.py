@@ -103,6 +103,7 @@ class BullseyePolytope(Attack):
     summary = "clean-label targeted: poisons whose mean feature sits on the target's (convex polytope, c = 1/k)"
     Params = BullseyeParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

@@ -58,6 +58,7 @@ class CleanLabelBackdoor(Attack):
     summary = "clean-label backdoor: PGD-hardened target-class images stamped with a patch trigger"
     Params = CleanLabelBackdoorParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def budgets(self, epsilon: int) -> tuple[int, int]:

@@ -116,6 +116,7 @@ class UnlearnableClusters(Attack):
     summary = "label-agnostic availability: one generated noise per k-means cluster of SimCLR features"
     Params = ClustersParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = False
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

@@ -25,6 +25,7 @@ class RandomNoise(Attack):
     paper = "Huang et al., Unlearnable Examples, ICLR 2021 (random-noise control, Table 1)"
     summary = "clean-label control: i.i.d. uniform integer noise in [-eps, eps]"
     label_policy = "clean"
+    perturbation_only = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         train, eps = ctx.train, ctx.threat.epsilon

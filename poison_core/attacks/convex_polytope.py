@@ -149,6 +149,7 @@ class ConvexPolytope(Attack):
     summary = "clean-label targeted: poisons whose features enclose the target's in a convex polytope"
     Params = ConvexPolytopeParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

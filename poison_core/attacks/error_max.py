@@ -39,6 +39,7 @@ class ErrorMaximizing(Attack):
     summary = "clean-label availability: PGD adversarial examples of a clean surrogate, labels kept"
     Params = ErrorMaxParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

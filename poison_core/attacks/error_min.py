@@ -267,6 +267,7 @@ class ErrorMinimizing(Attack):
     summary = "clean-label availability: min-min noise that makes samples 'already learnt'"
     Params = ErrorMinParams
     label_policy = "clean"
+    perturbation_only = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         p, train = self.params, ctx.train

@@ -121,6 +121,7 @@ class Generative(Attack):
     summary = "clean-label availability: an auto-encoder generates error-maximising poisons in one forward pass"
     Params = GenerativeParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

@@ -121,6 +121,7 @@ class HiddenTrigger(Attack):
     summary = "clean-label backdoor: target images perturbed to collide with patched sources in feature space"
     Params = HiddenTriggerParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def check_dataset(self, train: ImageDataset) -> None:

@@ -70,6 +70,7 @@ class Influence(Attack):
     summary = "availability: perturb the most influential training points along the influence gradient"
     Params = InfluenceParams
     label_policy = "any"
+    perturbation_only = True
 
     def check_dataset(self, train: ImageDataset) -> None:
         check_classes(self.params.classes, train.num_classes)

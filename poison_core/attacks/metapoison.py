@@ -140,6 +140,7 @@ class MetaPoison(Attack):
     summary = "clean-label targeted: meta-gradients through K unrolled SGD steps of a staggered model ensemble"
     Params = MetaPoisonParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def check_threat(self, threat: ThreatModel) -> None:
@@ -147,6 +148,10 @@ class MetaPoison(Attack):
         if self.params.recolor and threat.color_epsilon == 0:
             raise ConfigError("threat.color_epsilon: metapoison's recolor perturbs colours, but the threat model "
                               "allows none; set color_epsilon > 0 (allowed: 0 < color_epsilon <= 1; reference 0.04)")
+
+    def changes_only_within_epsilon(self, threat: ThreatModel) -> bool:
+        """With recolor on, the colour shift (bounded by color_epsilon) changes images even at epsilon 0."""
+        return not (self.params.recolor and threat.color_epsilon > 0)
 
     def check_dataset(self, train: ImageDataset) -> None:
         channels = train.images.shape[-1]

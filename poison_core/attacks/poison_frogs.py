@@ -127,6 +127,7 @@ class PoisonFrogs(Attack):
     summary = "clean-label targeted: collide the bases' features with the target's (transfer learning)"
     Params = PoisonFrogsParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

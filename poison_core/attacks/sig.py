@@ -47,6 +47,7 @@ class Sig(Attack):
     summary = "clean-label backdoor: sinusoidal (or ramp) signal added to target-class images, labels kept"
     Params = SigParams
     label_policy = "clean"
+    perturbation_only = True
 
     def trigger_spec(self, epsilon: int) -> dict[str, Any]:
         """The stored spec: `delta` is the test-time strength, `train_delta` that of the poisons."""

@@ -175,6 +175,7 @@ class SleeperAgent(Attack):
     summary = "clean-label hidden-trigger backdoor: gradient matching to patched sources, retraining while crafting"
     Params = SleeperAgentParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def check_dataset(self, train: ImageDataset) -> None:

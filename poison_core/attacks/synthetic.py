@@ -79,6 +79,7 @@ class SyntheticNoise(Attack):
     summary = "clean-label availability: linearly separable class-wise synthetic noise, no surrogate"
     Params = SyntheticParams
     label_policy = "clean"
+    perturbation_only = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         train = ctx.train

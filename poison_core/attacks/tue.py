@@ -123,6 +123,7 @@ class TransferableUnlearnable(Attack):
     summary = "clean-label availability: contrastive min-min noise made linearly separable by class"
     Params = TUEParams
     label_policy = "clean"
+    perturbation_only = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:
         p, train, device = self.params, ctx.train, ctx.device

@@ -279,6 +279,7 @@ class WitchesBrew(Attack):
     summary = "clean-label targeted: match the poison training gradient to the target's adversarial gradient"
     Params = WitchesBrewParams
     label_policy = "clean"
+    perturbation_only = True
     needs_surrogate = True
 
     def _craft(self, ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> Crafted:

@@ -20,6 +20,7 @@ from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.splits import finish_splits
 from poison_core.errors import DatasetError
 from poison_core.interop.safe_pickle import numpy_globals, safe_loads
+from poison_core.paths import read_regular
 
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
@@ -37,10 +38,7 @@ CIFAR_HELP = "set dataset.path to a folder holding cifar-10-batches-py (or datas
 
 def load_pickle(path: Path) -> Any:
     """Unpickle `path` with CifarUnpickler (encoding='bytes'); any failure raises DatasetError."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"CIFAR file {str(path)!r} cannot be read: {exc.strerror or exc}; {CIFAR_HELP}") from None
+    data = read_regular(path, "CIFAR file")
     return safe_loads(data, numpy_globals(), f"CIFAR file {str(path)!r}", encoding="bytes")
 
 

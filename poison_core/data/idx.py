@@ -17,6 +17,7 @@ import numpy as np
 
 from poison_core.errors import DatasetError
 from poison_core.limits import gunzip, product
+from poison_core.paths import read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +29,22 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 def _raw_bytes(path: Path) -> bytes:
     """The decompressed bytes of `path`; a missing or broken file raises DatasetError."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"IDX file {str(path)!r} does not exist") from None
-    except OSError as exc:
-        raise DatasetError(f"IDX file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    data = read_regular(path, "IDX file")
     if not data.startswith(_GZIP_MAGIC):
         return data
-    return gunzip(data, f"IDX file {str(path)!r}")
+    return gunzip(data, f"IDX file {str(path)!r}", size_of=_declared_size)
+
+
+def _declared_size(prefix: bytes) -> int | None:
+    """The total size (header + payload) an IDX header declares, once `prefix` holds the header; a
+    malformed header declares nothing here (its parse reports it)."""
+    if len(prefix) < 4:
+        return None
+    ndim = prefix[3]
+    header = 4 + 4 * ndim
+    if len(prefix) < header:
+        return None
+    return header + product(struct.unpack(f">{ndim}I", prefix[4:header]))
 
 
 def _parse(data: bytes, path: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ order within each source folder.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from poison_core.data.loaders import split_single_source
 from poison_core.data.splits import finish_splits
 from poison_core.errors import DatasetError
 from poison_core.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from poison_core.paths import read_regular
 
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
@@ -42,7 +44,7 @@ def class_folders(root: Path) -> list[str]:
 def read_image(path: Path) -> np.ndarray:
     """(H, W, C) uint8: 1 channel for grayscale 'L' images, else RGB."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(read_regular(path, "image"))) as img:
             width, height = img.size  # from the header: checked before the pixels are decoded
             if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
                 raise DatasetError(f"image {str(path)!r} is {width}x{height}, larger than the limit of "

@@ -20,7 +20,7 @@ from poison_core.data import DATASETS
 from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.idx import read_idx_images, read_idx_labels
 from poison_core.data.parquet import read_split
-from poison_core.data.splits import TEST_STAGE, finish_splits, split_dataset
+from poison_core.data.splits import TEST_STAGE, check_splits_agree, finish_splits, split_dataset
 from poison_core.errors import DatasetError
 from poison_core.io import exists
 
@@ -70,7 +70,7 @@ def _find_idx(folder: Path, stem: str) -> Path:
     """`folder/stem` or `folder/stem.gz` (also under torchvision's FashionMNIST/raw layout)."""
     for base in (folder, folder / "FashionMNIST" / "raw"):
         for candidate in (base / stem, base / f"{stem}.gz"):
-            if candidate.is_file():
+            if candidate.exists():  # a folder or a FIFO by that name is refused when read
                 return candidate
     raise DatasetError(f"fashion-mnist file {stem!r}(.gz) not found in {str(folder)!r}; {FASHION_MNIST_HELP}")
 
@@ -139,6 +139,5 @@ def load_parquet(cfg: "DatasetConfig") -> DatasetSplits:
     root = _parquet_root(cfg)
     train, test = read_split(f"{root}/train.parquet"), read_split(f"{root}/test.parquet")
     val = read_split(f"{root}/val.parquet") if exists(f"{root}/val.parquet") else None
-    if train.class_names != test.class_names:
-        raise DatasetError(f"dataset.path: class names of {root}/train.parquet and {root}/test.parquet differ")
+    check_splits_agree(root, train, test, val)  # named by the folder, so the line says which files
     return finish_splits(cfg, train, test, val)

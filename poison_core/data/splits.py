@@ -86,13 +86,34 @@ def subsample(ds: ImageDataset, n: int, seed: Seed, stratify: bool = True, field
     return ds.subset(sample_positions(ds.labels, n, np.random.default_rng(seed), stratify))
 
 
+def check_splits_agree(dataset: str, train: ImageDataset, test: ImageDataset, val: ImageDataset | None) -> None:
+    """DatasetError naming the split unless test (and val) have train's image shape (H, W, C) and class
+    names: a model built for 8x8 train images evaluated on 9x9 test images reports chance, not an error."""
+    for split, other in (("test", test), ("val", val)):
+        if other is None:
+            continue
+        where = f"dataset {dataset!r}: {split} split {other.name!r}"
+        if other.image_shape != train.image_shape:
+            (h, w, c), (oh, ow, oc) = train.image_shape, other.image_shape
+            part = "channels" if (h, w) == (oh, ow) else "image size"
+            raise DatasetError(f"{where} has {part} {oh}x{ow}x{oc} but the train split {train.name!r} has "
+                               f"{h}x{w}x{c}; all splits must share one (H, W, C)")
+        if tuple(other.class_names) != tuple(train.class_names):
+            extra = sorted(set(other.class_names) ^ set(train.class_names))
+            detail = f"differing: {', '.join(map(repr, extra[:3]))}" if extra else "same names, different order"
+            raise DatasetError(f"{where} has {other.num_classes} classes but the train split {train.name!r} has "
+                               f"{train.num_classes} ({detail}); all splits must share one class list")
+
+
 def finish_splits(cfg: "DatasetConfig", train: ImageDataset, test: ImageDataset,
                   val: ImageDataset | None = None) -> DatasetSplits:
     """Apply a DatasetConfig to loaded splits: subsample train/test, then hold out val from train.
 
     `n_train` caps the training pool; when `val_fraction` > 0 and the loader gave no val split,
     round(val_fraction * pool) of that pool (stratified) becomes val and the rest stays train.
+    The splits must agree on image shape (H, W, C) and class names first (:func:`check_splits_agree`).
     """
+    check_splits_agree(cfg.name, train, test, val)
     if cfg.n_train is not None:
         train = subsample(train, cfg.n_train, (cfg.seed, TRAIN_SUBSAMPLE_STAGE), field="dataset.n_train")
     if cfg.n_test is not None:

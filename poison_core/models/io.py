@@ -77,13 +77,31 @@ def check_safetensors(data: bytes, where: str) -> None:
 
 def read_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes (8-byte little-endian header length, JSON header)."""
+    meta = _header(data).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("safetensors __metadata__ must map strings to strings")
+    return dict(meta)
+
+
+def tensor_names(data: bytes) -> list[str]:
+    """The tensor names in safetensors bytes, from the header alone (no tensor is read)."""
+    return [name for name in _header(data) if name != "__metadata__"]
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    """The JSON header of safetensors bytes (8-byte little-endian length first); ValueError if malformed."""
     if len(data) < 8:
         raise ValueError("file is shorter than the 8-byte safetensors header")
     (length,) = struct.unpack("<Q", data[:8])
     if length > len(data) - 8:
         raise ValueError("safetensors header runs past the end of the file")
-    header = json.loads(data[8:8 + length])
-    return dict(header.get("__metadata__") or {})
+    try:
+        header = json.loads(data[8:8 + length])
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"safetensors header is not JSON text ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    return header
 
 
 def state_checksum(model: nn.Module) -> str:
