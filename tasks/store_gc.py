@@ -3,10 +3,9 @@
 The roots are the slot records (`tasks.records`): each names the key its slot holds now and the upstream
 keys that output was made from. An output is live when a root names it or it lies under a live dataset
 prefix; a craft's checkpoints are live while their PoisonSet's key is. Everything else under the
-output folders (``datasets/``, ``poisons/``, ``models/``, ``cells/``, ``checkpoints/``, ``quarantine/`` and its
-``quarantine-reasons/``)
-was written under keys no run uses any more: older code, older data, older parameters, or a store
-written before records existed. Such outputs are never reused (their keys cannot come back unless the
+output folders (``datasets/``, ``poisons/``, ``models/``, ``cells/``, ``checkpoints/``, ``quarantine/``,
+``quarantine-reasons/``) was written under keys no run uses any more: older code, older data, older
+parameters, or a store written before records existed. Such outputs are never reused (their keys cannot come back unless the
 code, data and parameters do), so removing them only frees space.
 
 A file modified within the grace period is kept whatever it is: a run in progress writes its output
