@@ -294,7 +294,7 @@ def main() -> None:
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)
-    except Exception as raised:  # noqa: BLE001 - the last line of defense prints one line
+    except Exception as raised:  # the last line of defense: it prints one line
         from belladonna.session import log_file
 
         exc = _root_cause(raised)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                   ("cell_poisons", c_id, "poisons.png"), ("cell_abl", c_id, "abl_losses.png"),
                   ("cell_dpa", dpa.info.run_id if dpa else None, "certified_accuracy.png")]
         widths: dict[str, int] = {}
-        for i, (name, run_id, file) in enumerate(wanted):
+        for name, run_id, file in wanted:
             names = {a.path for a in client.list_artifacts(run_id, "figures")} if run_id else set()
             if f"figures/{file}" not in names:
                 continue

@@ -43,7 +43,7 @@ def _warm(n_workers: int) -> None:
 
 
 def _import_everything(_: int) -> int:
-    import poison_core.attacks  # noqa: F401
+    import poison_core.attacks
     import poison_core.defenses  # noqa: F401
 
     time.sleep(0.2)

@@ -136,13 +136,13 @@ def warm_tracking(tracking_uri: str | None, experiment: str, run_dir: str) -> It
 
     def warm() -> None:
         try:
-            import matplotlib.backends.backend_agg  # noqa: F401  (what infra.figures draws with)
+            import matplotlib.backends.backend_agg  # what infra.figures draws with
             import matplotlib.figure  # noqa: F401
 
             from infra.tracking import Tracker
 
             Tracker(tracking_uri, experiment, run_dir=run_dir)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a warm-up only: summarize opens the store again
             log.warning("tracking warm-up failed (%s); summarize retries", exc)
 
     thread = threading.Thread(target=warm, name="tracking-warm-up", daemon=True)

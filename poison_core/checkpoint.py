@@ -145,7 +145,7 @@ def resume_loop(checkpoint: Checkpointer | None, loop: LoopState,
         for name, tensor in loop.tensors.items():
             tensor.copy_(tensors[f"tensor.{name}"])
     for name, optimizer in loop.optimizers.items():
-        prefix, slots = f"optimizer.{name}.", {}
+        prefix, slots = f"optimizer.{name}.", dict[int, dict[str, torch.Tensor]]()
         for key, value in tensors.items():
             if key.startswith(prefix):
                 index, slot = key[len(prefix):].split(".", 1)

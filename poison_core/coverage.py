@@ -59,8 +59,9 @@ def coverage_curves(attacks: Sequence[AttackConfig], default: ThreatModel,
         defenses = sorted({r["defense"] for r in summary if r["attack"] in {a.key for _, a in members}})
         by_defense: dict[str, list[float]] = {}
         for defense in defenses:
-            cells = [rows.get((a.key, defense)) for _, a in members]
-            if any(c is None for c in cells):
+            found = [rows.get((a.key, defense)) for _, a in members]
+            cells = [c for c in found if c is not None]
+            if len(cells) < len(found):
                 continue
             baseline = sum(float(c["baseline_clean_acc"]) for c in cells) / len(cells)
             by_defense[defense] = [baseline] + [float(c["clean_acc"]) for c in cells]

@@ -87,7 +87,7 @@ def images_to_column(images: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.uint8()), width)
 
 
-def column_to_images(column: pa.ChunkedArray | pa.Array, shape: tuple[int, int, int], what: str) -> np.ndarray:
+def column_to_images(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], what: str) -> np.ndarray:
     """Inverse of images_to_column; checks the row width against `shape`."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not pa.types.is_fixed_size_list(arr.type) or arr.type.list_size != int(np.prod(shape)):

@@ -59,7 +59,7 @@ def check_benchmark(cfg: BenchmarkConfig, splits: DatasetSplits) -> None:
                 raise ConfigError(f"{scope}.targets.{name}: {value} is outside 0..{train.num_classes - 1} "
                                   f"(dataset {cfg.dataset.name!r} has {train.num_classes} classes)")
         if targets.mode == "fixed":
-            missing = sorted(set(targets.target_ids) - set(int(i) for i in test.ids))
+            missing = sorted(set(targets.target_ids) - {int(i) for i in test.ids})
             if missing:
                 raise ConfigError(f"{scope}.targets.target_ids: test id {missing[0]} is not in the test split "
                                   f"({len(test)} samples)")

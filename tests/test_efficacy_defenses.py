@@ -5,7 +5,8 @@
   on the isolated set (measured ASR 0.042, clean 0.920 vs 0.987 undefended: the ascent on 107
   target-class images costs clean accuracy) and within 5 points for our descent_ascent variant
   (measured ASR 0.069, clean 0.984; 0.072 / 0.987 at its former lr 1e-3). ABL's isolation
-  parameters are tuned to the 8x8 digits and the 15-epoch recipe (the paper's defaults are for CIFAR-10 and 100 epochs), see ABL_DIGITS.
+  parameters are tuned to the 8x8 digits and the 15-epoch recipe (the paper's defaults are for CIFAR-10
+  and 100 epochs), see ABL_DIGITS.
 * Trimmed loss against 30 % random label flips: clearly higher accuracy than the undefended victim.
 * DPA with k = 10 base models: a certified-accuracy curve that is high at r = 0 and non-increasing.
 """
@@ -34,20 +35,20 @@ ABL_DIGITS = {"gamma": 1.5, "isolation_epochs": 6, "isolation_fraction": 0.08, "
               "unlearning_lr": 0.0005}
 ABL_CLEAN_DROP = {"ascent": 0.08, "descent_ascent": 0.05}
 
-BADNETS = f"""
+BADNETS = """
 name: efficacy-abl
-dataset: {{name: digits, seed: 0}}
+dataset: {name: digits, seed: 0}
 victim:
-  model: {{name: convnet}}
-  train: {{epochs: 15, batch_size: 64, lr: 0.05}}
-threat: {{epsilon: 255, budget: 0.1, clean_label: false}}
+  model: {name: convnet}
+  train: {epochs: 15, batch_size: 64, lr: 0.05}
+threat: {epsilon: 255, budget: 0.1, clean_label: false}
 attacks:
   - name: badnets
-    params: {{target_class: 0, patch_size: 3}}
+    params: {target_class: 0, patch_size: 3}
 defenses:
   - name: none
   - name: abl
-    params: {{ABL_PARAMS}}
+    params: {ABL_PARAMS}
 seeds: [0]
 """
 

@@ -49,7 +49,10 @@ def convex_victim(train, test, classes=None, learner_name: str = "logistic") -> 
     lookup = {int(c): i for i, c in enumerate(classes)}
     tr, te = (d.subset(np.flatnonzero(np.isin(d.labels, classes))) for d in (train, test))
     learner = make_learner(learner_name, len(classes), int(np.prod(train.image_shape)), 1e-2)
-    to_y = lambda d: torch.tensor([lookup[int(v)] for v in d.labels])
+
+    def to_y(d):
+        return torch.tensor([lookup[int(v)] for v in d.labels])
+
     theta = fit(learner, to_features(tr.images), to_y(tr))
     x, y = to_features(te.images), to_y(te)
     return float(learner.sample_losses(theta, x, y).mean()), learner.error(theta, x, y)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from infra.storage import Store
-from poison_core.config import DatasetConfig, load_benchmark
+from poison_core.config import DatasetConfig
 from poison_core.data import write_split
 from tasks import stages
 from tests.helpers import tiny_dataset

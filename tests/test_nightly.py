@@ -214,7 +214,7 @@ def test_scheduler_creates_a_nightly_run_that_the_worker_completes(stack):
         assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{procs.tail('worker')}"
         artifacts = client.read_artifacts()
     seconds = (run.end_time - run.expected_start_time).total_seconds()
-    print(f"quick-start deployment: scheduled for {run.expected_start_time}, Completed after {seconds:.1f}s "
+    print(f"quick-start deployment: scheduled for {run.expected_start_time}, Completed after {seconds:.1f}s "  # noqa: T201
           f"(flow run {run.total_run_time.total_seconds():.1f}s)")
     results = json.loads((tmp / "runs" / "quickstart" / "results.json").read_text())
     assert {r["attack"] for r in results["summary"]} == {"label_flip", "badnets"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from poison_core.config import BenchmarkConfig, ThreatModel, load_benchmark, parse_config
 from poison_core.errors import ConfigError, UnknownNameError
@@ -32,7 +33,7 @@ def test_valid_benchmark_loads_with_defaults():
     cfg = load_benchmark(GOOD)
     assert isinstance(cfg, BenchmarkConfig)
     assert cfg.threat.epsilon == 16 and cfg.defenses[0].name == "none" and cfg.seeds == (0,)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.name = "other"  # frozen
 
 

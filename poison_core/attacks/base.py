@@ -117,7 +117,8 @@ class Attack(ABC):
     nothing, and check_threat refuses it rather than run a benchmark of unchanged data."""
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None) -> None:
-        self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
+        # Typed Any: it is an instance of the member's own `Params` model, whose fields the member reads.
+        self.params: Any = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
 
     def check_threat(self, threat: ThreatModel) -> None:
         """Refuse threat models this attack cannot honour (e.g. clean-label for a label flip)."""
@@ -134,7 +135,7 @@ class Attack(ABC):
         an attack with a second kind of change (a colour shift) overrides it."""
         return self.perturbation_only
 
-    def check_dataset(self, train: ImageDataset) -> None:
+    def check_dataset(self, train: ImageDataset) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Refuse parameters that do not fit this dataset (class ids, trigger size); runs before any work."""
 
     def craft(self, ctx: CraftContext) -> PoisonSet:

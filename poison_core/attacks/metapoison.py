@@ -163,7 +163,7 @@ class MetaPoison(Attack):
         plans = targeting.plan(ctx, n_poison, rng)
         results = [self._craft_key(ctx, kp, i) for i, kp in enumerate(plans)]
         if not self.params.recolor:
-            return targeting.pack(ctx.train, plans, results)
+            return targeting.pack(ctx.train, plans, results)  # type: ignore[arg-type]  # recolor off: images only
         crafted = targeting.pack(ctx.train, plans, [images for images, _ in results])
         return dataclasses.replace(crafted, color=np.concatenate([theta for _, theta in results]))
 

@@ -89,7 +89,8 @@ class PTampering(Attack):
             raise ConfigError(f"params.target_class: class {p.target_class} has no training samples")
         target = rng.choice(in_target, size=min(p.n_target, len(in_target)), replace=False)
         w, b = np.zeros((k, feats.shape[1])), np.zeros(k)
-        slots, chosen = [], []
+        slots: list[int] = []
+        chosen: list[int] = []
         for step, pos in enumerate(order):
             x, y = feats[pos], labels[pos]
             if chances[step] and len(slots) < n_poison:

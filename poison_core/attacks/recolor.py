@@ -111,7 +111,7 @@ def _shift_at(params: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         weight = torch.ones_like(coords[..., 0])
         for frac, bit in zip(fracs, corner):
             weight = weight * (frac if bit else 1 - frac)
-        values = torch.gather(flat, 1, index.unsqueeze(-1).expand(-1, -1, c))
+        values = torch.gather(flat, 1, index.unsqueeze(-1).expand(-1, -1, c))  # type: ignore[union-attr]  # a sum of tensors
         out = out + weight.unsqueeze(-1) * values
     return out
 

@@ -75,7 +75,7 @@ def _ensemble_predict(models: Sequence[nn.Module], images: np.ndarray, device: t
     with torch.no_grad():
         x = to_tensor(images, device)
         logits = sum(torch.softmax(m.eval()(x), dim=1) for m in models)
-    return logits.argmax(1).cpu().numpy()
+    return logits.argmax(1).cpu().numpy()  # type: ignore[union-attr]  # a sum of tensors
 
 
 def _random_targets(ctx: CraftContext, n: int, adversarial: int | None, rng: np.random.Generator) -> np.ndarray:

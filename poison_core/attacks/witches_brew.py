@@ -126,7 +126,7 @@ def step_size(params: WitchesBrewParams, epsilon: int, n_models: int) -> float:
 
 
 def _params(model: nn.Module) -> list[torch.Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("surrogate has no trainable parameters to match gradients on")
     return params

@@ -18,6 +18,8 @@ deterministic damped Newton method with conjugate-gradient directions (Newton-CG
 
 from __future__ import annotations
 
+import functools
+
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -120,7 +122,7 @@ def fit(learner: ConvexLearner, x: torch.Tensor, y: torch.Tensor, *, weights: to
         scale = scale or max(1.0, norm)
         if norm <= tol * scale:
             break
-        direction = conjugate_gradient(lambda v, at=theta: hvp(value, at, v), -grad, tol=min(0.1, norm ** 0.5) * 1e-2,
+        direction = conjugate_gradient(functools.partial(hvp, value, theta), -grad, tol=min(0.1, norm ** 0.5) * 1e-2,
                                        max_iter=learner.size)
         step, slope = 1.0, float(grad.dot(direction))
         with torch.no_grad():

@@ -53,11 +53,15 @@ def decision(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, b: torch.Ten
     return spec(points, x) @ (alpha * y) + b
 
 
+def _as_tensor(a: np.ndarray | float) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
 def hinge_loss(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                spec: KernelSpec) -> tuple[float, float]:
     """Mean validation hinge loss and error of the SVM retrained on (x, y)."""
     alpha, b = fit_svc(x, y, spec)
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))
+    t = _as_tensor
     f = decision(t(x), t(y), t(alpha), b, spec, t(x_val)).numpy()
     return float(np.maximum(0.0, 1.0 - y_val * f).mean()), float(np.mean(np.sign(f) != y_val))
 
@@ -65,7 +69,7 @@ def hinge_loss(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarra
 def attack_gradient(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, spec: KernelSpec,
                     alpha: np.ndarray, b: float, tol: float = 1e-6) -> np.ndarray:
     """d L / d x_c for the attack point x_c = x[-1] (label y[-1]) at the SVM (alpha, b) fitted on (x, y)."""
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))
+    t = _as_tensor
     xs, ys, a, xv, yv = t(x[:-1]), t(y), t(alpha), t(x_val), t(y_val)
     u = t(x[-1]).clone().requires_grad_(True)
     full = torch.cat([xs, u[None]])

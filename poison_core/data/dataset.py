@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ class ImageDataset:
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
-    ids: np.ndarray = field(default=None)  # type: ignore[assignment]
+    ids: np.ndarray = field(default=None)  # type: ignore[arg-type]  # filled in __post_init__
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -70,8 +71,8 @@ class ImageDataset:
 
     def replace(self, **changes) -> "ImageDataset":
         """A copy with some of images / labels / ids / class_names / name replaced."""
-        fields = dict(images=self.images, labels=self.labels, class_names=self.class_names,
-                      ids=self.ids, name=self.name)
+        fields: dict[str, Any] = {"images": self.images, "labels": self.labels, "class_names": self.class_names,
+                                  "ids": self.ids, "name": self.name}
         fields.update(changes)
         return ImageDataset(**fields)
 

@@ -49,8 +49,8 @@ def read_image(path: Path) -> np.ndarray:
             if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
                 raise DatasetError(f"image {str(path)!r} is {width}x{height}, larger than the limit of "
                                    f"{MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} per side")
-            img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-            array = np.asarray(img, dtype=np.uint8)
+            decoded = img if img.mode in ("L", "RGB") else img.convert("RGB")
+            array = np.asarray(decoded, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"image {str(path)!r} cannot be read: {exc}") from None
     return array[..., None] if array.ndim == 2 else array

@@ -114,7 +114,8 @@ class Defense(ABC):
     Params: ClassVar[type[DefenseParams]] = DefenseParams
 
     def __init__(self, params: DefenseParams | dict[str, Any] | None = None) -> None:
-        self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
+        # Typed Any: it is an instance of the member's own `Params` model, whose fields the member reads.
+        self.params: Any = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
 
     @abstractmethod
     def fit(self, ctx: DefenseContext) -> DefenseResult:

@@ -33,8 +33,8 @@ the r-th smallest id, which is the original index r when the split is the source
 
 Every import is checked against the config's clean data: poisons whose pixels are not a perturbation
 of the base they name (more than 5 % of their values further than 2 * epsilon + 32 grey levels from
-it: another image, not a perturbation) are refused with the count and the first index; then the PoisonSet audit holds them to epsilon on the uint8 grid, the
-budget and the labels.
+it: another image, not a perturbation) are refused with the count and the first index; then the
+PoisonSet audit holds them to epsilon on the uint8 grid, the budget and the labels.
 """
 
 from __future__ import annotations

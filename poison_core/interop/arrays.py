@@ -43,14 +43,19 @@ def files(root: Path) -> list[Path]:
     return [root]
 
 
-def _pick(arrays: dict[str, np.ndarray], role: str, what: str, required: bool = True) -> np.ndarray | None:
+def _find(arrays: dict[str, np.ndarray], role: str) -> np.ndarray | None:
     for name in NAMES[role]:
         if name in arrays:
             return arrays[name]
-    if required:
+    return None
+
+
+def _pick(arrays: dict[str, np.ndarray], role: str, what: str) -> np.ndarray:
+    found = _find(arrays, role)
+    if found is None:
         raise DatasetError(f"{what}: no {role} array (named one of {', '.join(NAMES[role])}); has "
                            f"{', '.join(sorted(arrays)) or 'none'}")
-    return None
+    return found
 
 
 def _ints(array: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -77,13 +82,13 @@ def read(root: Path, train: ImageDataset, test: ImageDataset, max_poisons: int) 
     images = as_uint8_images(_pick(arrays, "images", what), f"{what}: images")
     if len(images) != len(ids):
         raise DatasetError(f"{what}: {len(images)} images for {len(ids)} indices")
-    labels = _pick(arrays, "labels", what, required=False)
+    labels = _find(arrays, "labels")
     if labels is None:
         present = np.isin(ids, train.ids)
         labels = train.labels[train.positions(ids)] if present.all() else np.zeros(len(ids), np.int64)
     labels = _ints(np.asarray(labels), len(ids), f"{what}: labels")
     goal = {"kind": "availability"}
-    target_ids = _pick(arrays, "target_ids", what, required=False)
+    target_ids = _find(arrays, "target_ids")
     if target_ids is not None:
         adversarial = _pick(arrays, "adversarial_classes", what)
         t = _ints(target_ids, len(target_ids), f"{what}: target_ids")
@@ -101,4 +106,4 @@ def write(out: Path, poison_set: PoisonSet, train: ImageDataset, test: ImageData
     if goal.get("kind") == "targeted":
         arrays["target_ids"] = np.asarray(goal["target_ids"], dtype=np.int64)
         arrays["adversarial_classes"] = np.asarray(goal["adversarial_classes"], dtype=np.int64)
-    return write_folder(out, lambda folder: np.savez(folder / ARCHIVE, **arrays))
+    return write_folder(out, lambda folder: np.savez(folder / ARCHIVE, **arrays))  # type: ignore[arg-type]

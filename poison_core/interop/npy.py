@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from poison_core.errors import DatasetError
 from poison_core.limits import product
 
 
-def _check_header(handle: BinaryIO, what: str, limit: int) -> tuple[tuple[int, ...], np.dtype]:
+def _check_header(handle: IO[bytes], what: str, limit: int) -> tuple[tuple[int, ...], np.dtype]:
     try:
         version = np.lib.format.read_magic(handle)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

@@ -54,7 +54,7 @@ def numpy_globals() -> dict[tuple[str, str], Any]:
     """The globals a numpy array or scalar pickle references (numpy 1 and numpy 2 module names)."""
     try:
         from numpy._core.multiarray import _reconstruct, scalar
-        from numpy._core.numeric import _frombuffer
+        from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]  # private, as pickles name it
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
         from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]

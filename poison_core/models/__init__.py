@@ -78,6 +78,6 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes
         return builder(channels, num_classes, (height, width_px), cfg.width)
 
 
-from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: F401  (registers members)
+from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: E402, F401  (registers members; after MODELS exists)
 
 __all__ = ["MODELS", "Classifier", "ModelBuilder", "build_model"]
