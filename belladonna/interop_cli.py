@@ -18,7 +18,7 @@ import typer
 
 from poison_core.errors import InputError
 
-FORMAT_HELP = "benchmark, forest-numpy, forest-full or arrays (see README 'Interop')."
+FORMAT_HELP = "benchmark, forest-numpy, forest-full or arrays (see docs/interop.md)."
 
 
 def import_poisons(fmt: str = typer.Argument(..., metavar="FORMAT", help=FORMAT_HELP),

@@ -1,4 +1,4 @@
-"""Efficacy over crafting seeds (issue 16): every attack against the no-poison victim and random noise
+"""Efficacy over crafting seeds (after the reference-fidelity fixes): every attack against the no-poison victim and random noise
 of the same epsilon, with the spread over seeds. Writes ``<out>/efficacy.json`` (merged across runs,
 one entry per setting) and ``<out>/efficacy.md``.
 

@@ -1,4 +1,4 @@
-"""The availability attacks against each victim protocol (issue 22): attack x protocol over crafting
+"""The availability attacks against each victim protocol: attack x protocol over crafting
 seeds, the direction of Ren et al.'s TUE table (ICLR 2023, Table 1: error-minimising noise stops a
 supervised victim but barely a SimCLR one; TUE hurts both). Writes ``<out>/protocols.json`` (merged
 across runs, one entry per attack, protocol and seed) and ``<out>/protocols.md``; with

@@ -1,4 +1,4 @@
-"""The quick-start's wall time from the shell, before and after (issue 21).
+"""The quick-start's wall time from the shell, before and after a change.
 
     python3 -m benchmarks.quickstart --variant before,code=/tmp/before --variant after \
         --variant after-services,services [--reps 3] [--nice 10]

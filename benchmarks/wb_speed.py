@@ -1,4 +1,4 @@
-"""Witches' Brew crafting speed (issue 21): seconds per restart-step of the pre-issue-21 crafting loop
+"""Witches' Brew crafting speed: seconds per restart-step of the earlier (unfused) crafting loop
 (:func:`baseline_restart`, a frozen copy kept here) against today's ``witches_brew.run_restart``,
 interleaved in one process, on one thread.
 
@@ -70,7 +70,7 @@ def _baseline_alignment(models: Sequence[nn.Module], target_grads: Sequence[Sequ
 def baseline_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.ndarray, target: np.ndarray,
                      adversarial_class: int, params: wb.WitchesBrewParams, epsilon: int, seed: int,
                      data_std: Sequence[float] | None = None) -> tuple[float, np.ndarray]:
-    """The crafting loop of ``witches_brew.run_restart`` before issue 21 (without its checkpointing):
+    """The crafting loop of ``witches_brew.run_restart`` before the fused crafting view (without its checkpointing):
     the surrogates as they are, a zero-filled gradient buffer and one host read of the loss per batch."""
     device = next(surrogates[0].parameters()).device
     models = [m.eval() for m in surrogates]

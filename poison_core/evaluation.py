@@ -4,7 +4,7 @@ For every cell the metrics are: clean test accuracy; for backdoors the attack su
 triggered test images of other classes (of the trigger's `source_class` only, when it names one);
 for class-pair flips the rate at which source-class test images are classified as the target class;
 for targeted attacks the per-target success and the adversarial-class probability. The same
-function applied to the clean victim gives the no-poison baseline (`baseline_*`), as DESIGN.md
+function applied to the clean victim gives the no-poison baseline (`baseline_*`), as docs/design.md
 asks for every cell.
 """
 

@@ -1,4 +1,4 @@
-"""Bullseye Polytope and Hidden Trigger Backdoor (issue 22) on tiny data: registration and paper
+"""Bullseye Polytope and Hidden Trigger Backdoor on tiny data: registration and paper
 defaults, threat-model invariants, BP's fixed 1/k coefficients and its loss on a hand-checkable case,
 HTB's patch-free poisons, falling feature distance and greedy re-pairing, the seeded random-patch
 trigger, source-class ASR in the evaluation, one-line errors for bad params. Determinism in bytes and the

@@ -1,4 +1,4 @@
-"""The classic attacks of the poisoning literature (issue 9; issue 22's SIG, WaNet, Bullseye Polytope and
+"""The classic attacks of the poisoning literature (and SIG, WaNet, Bullseye Polytope and
 Hidden Trigger join the shared tables) on tiny data: threat-model invariants, determinism, one error per
 bad parameter; the implicit-differentiation machinery checked against dense linear algebra, finite
 differences of the retrained learner and leave-one-out retraining; and each attack crafted and trained
@@ -49,7 +49,7 @@ CASES = {
     "sleeper_agent": ({"steps": 4, "retrain_every": 2, "retrain": {"epochs": 1, "batch_size": 64}},
                       ThreatModel(epsilon=8, budget=0.05, clean_label=True)),
 }
-ISSUE_9 = ("bilevel", "influence", "svm_poison", "p_tampering", "generative", "pgan")  # the rest came with issue 22
+CLASSIC = ("bilevel", "influence", "svm_poison", "p_tampering", "generative", "pgan")  # the classic attacks; the rest came later
 TINY_DEFENSE = {"dpa": {"k": 2, "epochs": 1}, "abl": {"isolation_epochs": 1, "unlearning_epochs": 1},
                 "ueraser": {"repeats": 2}, "strip": {"n_overlays": 4}, "neural_cleanse": {"epochs": 2, "n_samples": 32}}
 
@@ -72,7 +72,7 @@ def test_every_new_attack_is_registered_with_paper_summary_and_docstring():
     for name in CASES:
         entry = ATTACKS.entry(name)
         assert entry.paper and entry.summary and entry.obj.__doc__
-    for name in ISSUE_9:
+    for name in CLASSIC:
         module_doc = __import__(ATTACKS.entry(name).obj.__module__, fromlist=["_"]).__doc__
         assert "Eq." in module_doc or "Sec." in module_doc
 
@@ -258,7 +258,7 @@ def test_each_attack_runs_through_a_defense_like_a_grid_cell(name, surrogate):
 
 def test_the_literature_benchmark_config_validates():
     cfg = load_benchmark("configs/digits-literature.yaml")
-    assert {a.name for a in cfg.attacks} >= set(ISSUE_9)
+    assert {a.name for a in cfg.attacks} >= set(CLASSIC)
     assert {d.name for d in cfg.defenses} >= {"none", "trimmed_loss", "dpa", "spectral_signatures"}
     assert cfg.victim.model.name == "mlp" and cfg.dataset.name == "digits"
 

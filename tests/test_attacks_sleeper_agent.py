@@ -1,4 +1,4 @@
-"""Sleeper Agent (issue 22) on tiny data: registration and the reference's defaults, threat-model
+"""Sleeper Agent on tiny data: registration and the reference's defaults, threat-model
 invariants (eps, budget, labels and classes kept), the max-gradient selection against a per-sample
 autograd loop, the source gradient of the patched sources, retraining at the reference's steps, the
 Bernoulli patch and the trigger a test-time evaluation pastes, determinism, one-line errors."""

@@ -1,4 +1,4 @@
-"""`belladonna run` prints its whole wall time last, and reuses standing services (issue 21).
+"""`belladonna run` prints its whole wall time last, and reuses standing services.
 
 The printed total must be what a user's clock shows for the command (process start to exit, Prefect's
 temporary server, Ray's start and stop included), not the flow's part only; and `belladonna services

@@ -1,4 +1,4 @@
-"""Crafting checkpoints (issue 7): Witches' Brew, MetaPoison, Sleeper Agent (whose checkpoint after step 2
+"""Crafting checkpoints: Witches' Brew, MetaPoison, Sleeper Agent (whose checkpoint after step 2
 holds the models it retrained at step 1) and error-minimising noise save their
 state every N steps; a craft interrupted after a save and started again resumes there and ends
 byte-identical to an undisturbed craft; a lost MetaPoison worker rebuilds the ensemble from the

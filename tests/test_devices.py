@@ -45,7 +45,7 @@ SEED = 3
 def repeats(what: str, device) -> str:
     """The message of a failed bit-for-bit repeat (on CUDA: kernels that are not deterministic)."""
     return (f"{what} differ between two runs with the same seed on {device}" + (
-        "; CUDA needs deterministic cuDNN/cuBLAS kernels for this, which are not built yet (README, the CUDA tier)"
+        "; CUDA needs deterministic cuDNN/cuBLAS kernels for this, which are not built yet (docs/operations.md, the CUDA tier)"
         if device.type == "cuda" else ""))
 
 

@@ -22,7 +22,7 @@ availability --attacks error_min_class_subset --seeds 0 1 2 3`, benchmarks/resul
 on seed 0's noise adversarial training recovers 0.812, UEraser (K = 5 for the first 2 of 8 epochs)
 0.807, ISS-JPEG-10 only 0.389 (not asserted: a 9-point gain, the paper's strong JPEG recovery is not
 seen on these 1-channel images). The earlier setting, every sample searched with 5 steps for 30
-rounds under the issue-16 rules (batch 512, grad clip 5, eval-mode stop check, never met), took
+rounds under the reference-fidelity rules (batch 512, grad clip 5, eval-mode stop check, never met), took
 ~5 minutes and reached 0.38 (seed 0); with 5 of 16 batches per round 0.54.
 Synthetic noise: 0.52 / 0.39 / 0.47 / 0.36 for seeds 0-3 (0.53 on two threads); error-maximising
 poisons: 0.46 / 0.44 / 0.44 / 0.47; both bars hold for every seed.
@@ -37,7 +37,7 @@ steps 0.35; one 0.5-eps step (seed 1) 0.69; stop at 99.9 % 0.34; 5 model steps p
 steps 0.64 (seed 1: 0.64); crafting width 2 / 4 / 16: 0.46 / 0.56 / 0.60; zero start (the paper's
 scripts) 0.52, with batch 512 0.49; 10 noise steps on 16 batches per round 0.59 (seed 1: 0.53);
 noise steps with train-mode BatchNorm 0.52 (seed 1: 0.59); 16,000 training images 0.55 (seed 1: 0.62).
-These were measured before the issue-16 rules; with them (seed 0, one thread) sample-wise is 0.67
+These were measured before the reference-fidelity rules; with them (seed 0, one thread) sample-wise is 0.67
 (stopped at round 19).
 """
 

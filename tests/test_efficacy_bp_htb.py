@@ -1,4 +1,4 @@
-"""Efficacy of Bullseye Polytope and Hidden Trigger Backdoor (issue 22) in their papers' transfer setting:
+"""Efficacy of Bullseye Polytope and Hidden Trigger Backdoor in their papers' transfer setting:
 a feature extractor pretrained on clean data is frozen and only its linear head is retrained on the
 (poisoned) fine-tuning set (poison_core.transfer.finetune). Fashion-MNIST: a width-32 ConvNet (128
 features) pretrained 10 epochs on 2,000 images; fine-tuning sets disjoint from them; head recipe as in

@@ -1,4 +1,4 @@
-"""Efficacy of the classic literature attacks (issue 9) on scikit-learn's digits, each against a
+"""Efficacy of the classic literature attacks on scikit-learn's digits, each against a
 control that differs only in the attack's decision, so that every assertion can fail.
 
 * Biggio et al.'s SVM attack on 7 vs 1 (100 training points, C = 10): test error against the number

@@ -2,7 +2,7 @@
 
 Every attack is compared, key by key, with the no-poison victim (same recipe and seed) and with
 the random-noise control (i.i.d. uniform integer noise in [-eps, eps] on the *same* base images), as
-DESIGN.md's "Evaluating targeted attacks honestly" asks: the success rate over N poison keys with
+docs/design.md's "Evaluating targeted attacks honestly" asks: the success rate over N poison keys with
 its Wilson interval, and the mean adversarial-class probability on the target (continuous effect
 size). Keys: test images the attacker's model(s) classify correctly, each with the runner-up class
 of those models as its adversarial class (a plausible class, the attacker's choice, set through the
@@ -22,7 +22,7 @@ of those models as its adversarial class (a plausible class, the attacker's choi
   images with a seed the attacker does not use; two surrogates trained the same way (seeds 100, 101).
   Witches' Brew (100 steps, 1 restart, no augmentation) is run one key per victim: 8 keys, eps 32/255,
   5 % of the training set (100 poisons) per key, and each key's noise control trains its own victim.
-  Measured with forest's step rule and Gaussian start (issue 16): adv prob raised over the noise
+  Measured with forest's step rule and Gaussian start (reference fidelity): adv prob raised over the noise
   control on 8/8 keys, mean 0.272 vs 0.096 noise and 0.144 clean; flips 2/8 (Wilson [0.07, 0.59]) vs
   0/8 and 0/8; clean accuracy 0.805 vs 0.801 noise, 0.807 clean. An earlier measurement, with lr
   tau * eps and a uniform start: 8/8 keys, 0.395 vs 0.137 and 0.210; flips 3/8 vs 0/8 and 1/8. Also
@@ -33,13 +33,13 @@ of those models as its adversarial class (a plausible class, the attacker's choi
   steps, unrolled batches mixed or poisons-only, 2-5 % per key), optimises its unrolled objective but
   moved no victim beyond the noise control in any setting tried (per key at 5 %: adv prob 0.14 vs
   0.15 noise), so only that, and clean accuracy, are asserted for it, on three keys poisoned at once.
-  With the reference's epoch sweep, CW loss over stages and clean ensemble trajectory (issue 16) a
+  With the reference's epoch sweep, CW loss over stages and clean ensemble trajectory (reference fidelity) a
   five-key run measured adv prob 0.216 vs 0.148 noise and 0.150 clean (above noise on 5/5 keys), 1/5
   flips vs 0/5, clean acc 0.797 vs 0.807; unrolled CW loss 1.34 vs 1.91 for the noise control (4 batch
-  draws). The test's three keys (issue 21: 40 % less crafting): adv prob 0.277 vs 0.236 noise and
+  draws). The test's three keys (40 % less crafting than its earlier five): adv prob 0.277 vs 0.236 noise and
   0.252 clean, 1/3 flips for every arm (the third key is already 0.51 on the clean victim), clean acc
   0.807 vs 0.806; unrolled CW loss 0.96 vs 1.36 (2 draws). The test no longer trains that noise-control
-  victim (issue 21: nothing was asserted on it); the unrolled-loss control stays.
+  victim (nothing was asserted on it); the unrolled-loss control stays.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def test_poison_frogs_on_transfer_learning(transfer_setup):
 
 
 def test_convex_polytope_on_transfer_learning(transfer_setup):
-    # lr 0.04 in the reference's normalised units (0.008 per pixel, issue 16; it was 0.04 per pixel):
+    # lr 0.04 in the reference's normalised units (0.008 per pixel; it was 0.04 per pixel):
     # measured 3/12 flips, adv prob 0.245 vs 0.085 clean (2.9x) at 120 steps and 0.244 at 600 steps
     # (converged), so the ratio bar is 2.5x here (0.32, 3.8x, with the former 5x larger step).
     params = {"steps": 120, "lr": 0.04, "coef_iters": 50}
@@ -248,7 +248,7 @@ def run_scratch_per_key(name: str, params: dict, scratch_setup, eps: int = 32, b
 
 def test_witches_brew_from_scratch(scratch_setup):
     """Measured (forest's lr rule, Gaussian start): adv prob raised over the noise control on 8/8 keys,
-    mean 0.272 vs 0.096 (noise) and 0.144 (clean); flips 2/8 vs 0/8 and 0/8. With issue 21's crafting
+    mean 0.272 vs 0.096 (noise) and 0.144 (clean); flips 2/8 vs 0/8 and 0/8. With the faster crafting loop's
     copy of the surrogate (same poisons to float32 rounding): 3/8 flips, 0.391 vs 0.147 noise, 0.204
     clean. Over crafting seeds and at eps 16 / 1 %: benchmarks/results/efficacy.md."""
     result = run_scratch_per_key("witches_brew", {"steps": 100, "restarts": 1, "augment": False}, scratch_setup)

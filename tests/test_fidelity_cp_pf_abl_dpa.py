@@ -1,4 +1,4 @@
-"""Fidelity to the reference implementations (issue 16): Convex Polytope's step size in the reference's
+"""Fidelity to the reference implementations: Convex Polytope's step size in the reference's
 normalised units, Poison Frogs' step rejection and watermark, ABL's pure-ascent unlearning, DPA's
 pixel-only partition hash. Each test fails on the code before the fix."""
 

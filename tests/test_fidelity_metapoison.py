@@ -1,4 +1,4 @@
-"""MetaPoison does what its reference does (issue 16; github:wronnyhuang/metapoison, main.py ``craft``,
+"""MetaPoison does what its reference does (github:wronnyhuang/metapoison, main.py ``craft``,
 meta.py ``Meta.build_metalearner_graph``, utils.py ``cr_schedule`` / ``carlini``):
 
 * each craft step every model sweeps its epoch and sums the meta-gradient of every batch that holds

@@ -1,4 +1,4 @@
-"""MetaPoison's colour perturbation, ReColorAdv (issue 16; Laidlaw & Feizi, NeurIPS 2019; reference
+"""MetaPoison's colour perturbation, ReColorAdv (Laidlaw & Feizi, NeurIPS 2019; reference
 github:wronnyhuang/metapoison recolor.py, meta.py ``colorperts`` / ``clipop_colorperts``):
 
 * the transform: the identity at zero parameters, |shift| <= bound after the projection, differentiable,

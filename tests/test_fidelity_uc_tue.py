@@ -1,4 +1,4 @@
-"""Fidelity of Unlearnable Clusters and TUE to their reference implementations (issue 16).
+"""Fidelity of Unlearnable Clusters and TUE to their reference implementations.
 
 UC (github:jiamingzhang94/Unlearnable-Clusters) is label-agnostic: its encoder never sees the target
 labels, so permuting the labels (and the surrogate trained on them) leaves the poisoned pixels alone.

@@ -1,4 +1,4 @@
-"""Fidelity of Witches' Brew and error-minimising noise to their reference implementations (issue 16).
+"""Fidelity of Witches' Brew and error-minimising noise to their reference implementations.
 
 Witches' Brew (github.com/JonasGeiping/data-poisoning, forest/witchcoven/witch_base.py): signAdam with
 lr = tau * (pbatch / 512) / ensemble in units normalised by the data std, a Gaussian start clipped to

@@ -1,4 +1,4 @@
-"""The nightly deployment end to end, as the README sets it up on one machine: a real ``prefect server``
+"""The nightly deployment end to end, as docs/deploy.md sets it up on one machine: a real ``prefect server``
 (its own PREFECT_HOME, 127.0.0.1), ``prefect work-pool create``, ``prefect deploy --all`` from a copy of
 prefect.yaml (an interval of a few seconds instead of the cron, the quick-start preset instead of the
 nightly one, a temporary run folder), a real process worker, and:
@@ -126,7 +126,7 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
         _wait("the Prefect server", healthy, timeout=180)
         setup = [[*PREFECT, "work-pool", "create", "belladonna", "--type", "process"],
                  [*PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(_test_prefect_yaml(tmp))]]
-        for args in setup:  # from the repository root, as the README says; no run-time variable is set
+        for args in setup:  # from the repository root, as docs/deploy.md says; no run-time variable is set
             done = subprocess.run(args, env=base, cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stdout + done.stderr
             assert "Can't evaluate" not in done.stdout + done.stderr

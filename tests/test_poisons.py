@@ -159,7 +159,7 @@ def tampered(ps: PoisonSet, **meta) -> bytes:
 
 def test_reader_audits_against_its_own_threat_model_not_the_files_metadata(tmp_path):
     """Metadata edited to epsilon 255 / budget 1 / dirty-label, with pixels moved by 120 and labels
-    flipped, is refused against the threat model the reader expects (issue 20, item 1)."""
+    flipped, is refused against the threat model the reader expects."""
     expected = ThreatModel(epsilon=8, budget=0.05, clean_label=True)
     pos = np.arange(20)
     images = np.clip(TRAIN.images[pos].astype(int) + 120, 0, 255).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Trust nothing read back (issue 20): damaged stored outputs are quarantined and recomputed, a
+"""Trust nothing read back: damaged stored outputs are quarantined and recomputed, a
 PoisonSet stored under another key is refused, and sizes read from files are bounded before any
 allocation. The CLI-level cases (tampered store inside a run, one-line failures, Ctrl-C, leaked
 processes) are in tests/test_trust_cli.py."""

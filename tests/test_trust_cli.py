@@ -1,4 +1,4 @@
-"""Trust nothing read back, through the real CLI (issue 20): a PoisonSet whose metadata was edited is
+"""Trust nothing read back, through the real CLI: a PoisonSet whose metadata was edited is
 refused by `belladonna audit` and inside a run; Ctrl-C stops a run within seconds with exit 130 and
 it resumes; a SIGKILLed driver leaves no process behind. Every process is found as a descendant of
 a CLI this test started, and stopped by PID."""

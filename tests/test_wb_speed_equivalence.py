@@ -1,4 +1,4 @@
-"""Issue 21: the faster Witches' Brew loop crafts the same poisons as the loop before it.
+"""The faster Witches' Brew loop crafts the same poisons as the loop before it.
 
 The surrogate's crafting view (poison_core/attacks/_craft_view.py) fuses eval-mode BatchNorm into
 the convolution, which changes the order of float32 operations, so poisons are compared with the
@@ -117,7 +117,7 @@ def test_passes_reset_after_an_error(surrogates):
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_fast_restart_crafts_the_old_loops_poisons(surrogates, augment):
-    """Same seed, same start and schedule: the new run_restart and the pre-issue-21 loop agree on the
+    """Same seed, same start and schedule: the new run_restart and the earlier loop agree on the
     uint8 poisons (>= 99 % equal, the rest within the ball) and on the final alignment loss (1e-3)."""
     bases, labels, target = brew_inputs()
     params = WitchesBrewParams(steps=12, augment=augment, batch_size=16)

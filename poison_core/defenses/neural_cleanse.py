@@ -52,7 +52,7 @@ is flagged on many models, poisoned or not (anomaly index 2.3-4.1 on 5 of 6 pois
 grid run, 2.91 on a clean one), sometimes next to the BadNets target 9, sometimes instead of it. The
 paper reports its clean models below index 2; on digits ours do too (index 0.83). With the BatchNorm
 re-estimation a false alarm's unlearning costs 0.8-3.3 points of clean accuracy (above; 2-6 in the
-README's grid run), up to 42 before.
+grid run in benchmarks/results/members.md), up to 42 before.
 
 The paper assumes a small clean held-out set; here the triggers are reversed on, and the unlearning
 sample drawn from, the (possibly poisoned) training set. Ground truth (ctx.is_poison) is used only
