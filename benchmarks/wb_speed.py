@@ -39,7 +39,7 @@ from benchmarks.run import FASHION, machine
 from benchmarks.throughput import FlopCount
 from poison_core.attacks import witches_brew as wb
 from poison_core.attacks._augment import default_shift, random_shift_flip
-from poison_core.attacks._uint8 import delta_of, project, quantize, radius
+from poison_core.perturbation import delta_of, project, quantize, to_unit
 from poison_core.config import DatasetConfig, ModelConfig, TrainConfig
 from poison_core.data import load_dataset
 from poison_core.models import build_model
@@ -75,7 +75,7 @@ def baseline_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels:
     device = next(surrogates[0].parameters()).device
     models = [m.eval() for m in surrogates]
     gen = torch.Generator(device=device).manual_seed(seed)
-    eps = radius(epsilon)
+    eps = to_unit(epsilon)
     x0 = to_tensor(bases, device)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
     x_t = to_tensor(target, device)

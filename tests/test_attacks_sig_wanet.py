@@ -14,8 +14,8 @@ from poison_core.config import AttackConfig, ThreatModel, parse_config
 from poison_core.errors import ConfigError
 from poison_core.poisons import audit, from_parquet_bytes, to_parquet_bytes
 from poison_core.triggers import TRIGGERS, apply_trigger
-from poison_core.triggers_sig import training_spec
-from poison_core.triggers_warp import apply_noise_warp, warp_field
+from poison_core.triggers.sig import training_spec
+from poison_core.triggers.warp import apply_noise_warp, warp_field
 from tests.helpers import tiny_dataset
 
 TRAIN = tiny_dataset(n=200, k=5)

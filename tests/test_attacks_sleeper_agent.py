@@ -20,7 +20,7 @@ from poison_core.models import build_model
 from poison_core.poisons import to_parquet_bytes
 from poison_core.training import to_tensor, train_model
 from poison_core.triggers import apply_trigger
-from poison_core.triggers_random_patch import random_patch_pattern
+from poison_core.triggers.random_patch import random_patch_pattern
 
 SPLITS = load_dataset(DatasetConfig(name="digits", n_train=300, n_test=60, seed=0))
 TRAIN, TEST = SPLITS.train, SPLITS.test

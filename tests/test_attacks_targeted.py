@@ -15,7 +15,7 @@ import torch
 from poison_core.attacks import CraftContext, LocalActorGroup, local_map, make_attack
 from poison_core.attacks import targets as targeting
 from poison_core.attacks._augment import random_shift_flip
-from poison_core.attacks._uint8 import project, quantize
+from poison_core.perturbation import project, quantize
 from poison_core.attacks.convex_polytope import project_simplex, simplex_least_squares
 from poison_core.attacks.metapoison import MetaPoisonWorker
 from poison_core.attacks.poison_frogs import PoisonFrogsParams, feature_collision, feature_loss

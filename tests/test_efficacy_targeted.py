@@ -54,7 +54,7 @@ import torch
 
 from benchmarks.efficacy import noise_like, runner_up_keys, softmax
 from poison_core.attacks import CraftContext, make_attack
-from poison_core.attacks._uint8 import delta_of
+from poison_core.perturbation import delta_of
 from poison_core.attacks.metapoison import MetaPoisonParams, MetaPoisonWorker
 from poison_core.config import DatasetConfig, ModelConfig, TargetSelection, ThreatModel, TrainConfig
 from poison_core.data import load_dataset

@@ -1,11 +1,9 @@
-"""Shared helpers of the perturbation attacks: sign-gradient PGD, L-inf projections, the uint8 grid.
+"""Shared helpers of the perturbation attacks: sign-gradient PGD against fixed models, position draws.
 
 Projected gradient descent (Madry et al., 'Towards Deep Learning Models Resistant to Adversarial
 Attacks', ICLR 2018, Eq. 2): x_{t+1} = Proj_{B_inf(x, eps) cap [0,1]}(x_t +/- alpha * sign(grad)).
 Attacks optimise in float on [0, 1]; the result is put on the uint8 grid once, at the end, by
-:func:`quantize` (rounding a point of the eps-ball around an integer image never leaves the ball,
-and the final clip makes that exact). Stepping on the grid itself would round away steps below
-one grey level, such as Huang et al.'s 0.8/255.
+:func:`poison_core.perturbation.quantize` (the grid's rules and layout convention live there).
 """
 
 from __future__ import annotations
@@ -18,33 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poison_core.perturbation import project_linf, quantize, to_unit
 from poison_core.training import batch_slices, to_tensor
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 Projection = Callable[[torch.Tensor], torch.Tensor]
-
-
-def to_unit(epsilon: int) -> float:
-    """An epsilon on the uint8 grid (in /255) as a float radius on [0, 1] images."""
-    return float(epsilon) / 255.0
-
-
-def project_linf(delta: torch.Tensor, radius: float, x: torch.Tensor | None = None) -> torch.Tensor:
-    """Clamp `delta` to [-radius, radius] and, when `x` is given, keep x + delta inside [0, 1]."""
-    delta = delta.clamp(-radius, radius)
-    if x is not None:
-        delta = (x + delta).clamp(0.0, 1.0) - x
-    return delta
-
-
-def clip_unit(x: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 1] in the forward pass, identity in the backward pass (straight-through).
-
-    A perturbation shared by many images (class-wise, cluster-wise) that the image range clips
-    away on dark or bright pixels then still gets a gradient there, as each sample's projected
-    copy would in the per-sample updates of Huang et al.'s code.
-    """
-    return x + (x.clamp(0.0, 1.0) - x).detach()
 
 
 def sign_descent(param: torch.Tensor, objective: Objective, *, steps: int, step_size: float,
@@ -60,23 +36,6 @@ def sign_descent(param: torch.Tensor, objective: Objective, *, steps: int, step_
         (grad,) = torch.autograd.grad(objective(param), param)
         param = project(param.detach() - step_size * grad.sign())
     return param.detach()
-
-
-def quantize(images: np.ndarray, delta: torch.Tensor | np.ndarray, epsilon: int) -> np.ndarray:
-    """uint8 NHWC `images` plus a float NCHW (or NHWC ndarray) `delta` on [0, 1], on the uint8 grid.
-
-    The integer perturbation is round(255 * delta) clipped to [-epsilon, epsilon], and the image
-    is clipped to [0, 255], so the L-inf distance to `images` is at most `epsilon` exactly.
-    """
-    if isinstance(delta, torch.Tensor):
-        delta = delta.detach().cpu().permute(0, 2, 3, 1).numpy()
-    step = np.clip(np.rint(np.asarray(delta, dtype=np.float64) * 255.0), -epsilon, epsilon).astype(np.int16)
-    return np.clip(images.astype(np.int16) + step, 0, 255).astype(np.uint8)
-
-
-def int_deltas(poisoned: np.ndarray, clean: np.ndarray) -> np.ndarray:
-    """The integer perturbation (N, H, W, C) int16 that turned `clean` into `poisoned`."""
-    return poisoned.astype(np.int16) - clean.astype(np.int16)
 
 
 def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:

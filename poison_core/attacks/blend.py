@@ -5,7 +5,7 @@ Dirty-label, all-to-one: floor(budget * n) training images of classes other than
 get the blended key (a random-noise key from `pattern_seed`; alpha 0.2 as in the paper's poisoning
 stage) and the target label. Each pixel moves by at most the threat model's epsilon: the blend's
 delta is clipped, so at small epsilon the key is fainter than the paper's. The trigger spec
-(kind 'blend', see :mod:`poison_core.triggers_blend`) is stored in the PoisonSet, so test-time
+(kind 'blend', see :mod:`poison_core.triggers.blend`) is stored in the PoisonSet, so test-time
 triggering is `apply_trigger(poison_set.trigger, images)`, and success is the attack success rate.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-import poison_core.triggers_blend  # noqa: F401  (registers the 'blend' trigger kind)
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError
 from poison_core.triggers import apply_trigger

@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from poison_core.attacks import targets as targeting
-from poison_core.attacks._uint8 import project_images, radius
+from poison_core.perturbation import project_images, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.attacks.convex_polytope import REFERENCE_STD, polytope_loss
 
@@ -73,7 +73,7 @@ def bullseye_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: 
                       params: BullseyeParams) -> tuple[torch.Tensor, list[float]]:
     """Bullseye poisons (k, C, H, W) on [0, 1] within the eps-ball of `bases`, and the loss at every step."""
     models = [m.eval() for m in models]
-    eps = radius(epsilon)
+    eps = to_unit(epsilon)
     with torch.no_grad():
         target_features = [m.features(target)[0] for m in models]
     x = bases.clone().requires_grad_(True)

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from poison_core.attacks._pgd import pgd_against, to_unit
+from poison_core.attacks._pgd import pgd_against
+from poison_core.perturbation import to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError
 from poison_core.triggers import apply_trigger

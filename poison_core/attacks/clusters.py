@@ -34,7 +34,8 @@ from pydantic import Field
 from torch import nn
 
 from poison_core.attacks._augment import default_shift, random_shift_flip
-from poison_core.attacks._pgd import choose_positions, clip_unit, frozen, quantize, to_unit, torch_generator
+from poison_core.attacks._pgd import choose_positions, frozen, torch_generator
+from poison_core.perturbation import clip_unit, quantize, to_unit
 from poison_core.attacks._simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError

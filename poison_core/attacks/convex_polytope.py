@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from poison_core.attacks import targets as targeting
-from poison_core.attacks._uint8 import project_images, radius
+from poison_core.perturbation import project_images, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def convex_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: to
                     params: ConvexPolytopeParams) -> torch.Tensor:
     """Algorithm 1 of Zhu et al.; float poisons (k, C, H, W) on [0, 1] within the eps-ball of `bases`."""
     models = [m.eval() for m in models]
-    eps = radius(epsilon)
+    eps = to_unit(epsilon)
     with torch.no_grad():
         target_features = [m.features(target)[0] for m in models]
     k = len(bases)

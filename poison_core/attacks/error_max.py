@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from poison_core.attacks._pgd import choose_positions, pgd_against, to_unit
+from poison_core.attacks._pgd import choose_positions, pgd_against
+from poison_core.perturbation import to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 
 

@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from poison_core.attacks._pgd import (choose_positions, clip_unit, project_linf, quantize, sign_descent, to_unit,
-                                      torch_generator)
+from poison_core.attacks._pgd import choose_positions, sign_descent, torch_generator
+from poison_core.perturbation import clip_unit, project_linf, quantize, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.checkpoint import Checkpointer, LoopState, resume_loop, save_loop
 from poison_core.config import ModelConfig, ModelName

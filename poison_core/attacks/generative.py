@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from poison_core.attacks._pgd import choose_positions, ensemble_logits, frozen, quantize, to_unit, torch_generator
+from poison_core.attacks._pgd import choose_positions, ensemble_logits, frozen, torch_generator
+from poison_core.perturbation import quantize, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.training import batch_slices, to_tensor
 

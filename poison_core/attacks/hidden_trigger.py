@@ -23,7 +23,7 @@ model's feature units. Deviation: the reference's greedy pairing masks only the 
 poison) entry, so one source can serve several poisons; here the chosen row and column are removed
 (without replacement, as the paper states). With several surrogates the squared distance is their mean.
 
-The trigger (kind 'random_patch', :mod:`poison_core.triggers_random_patch`) is stored with its
+The trigger (kind 'random_patch', :mod:`poison_core.triggers.random_patch`) is stored with its
 `target_class` and `source_class`, so the attack success rate is measured on patched source-class
 test images (source_class None: every non-target class is a source, the paper's multi-source case).
 """
@@ -39,12 +39,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from poison_core.attacks._uint8 import project, quantize, radius
+from poison_core.perturbation import project, quantize, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
-from poison_core.triggers_random_patch import check_source_target, paste_at_random
+from poison_core.triggers.random_patch import check_source_target, paste_at_random
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def hidden_trigger_batch(models: Sequence[nn.Module], targets: torch.Tensor, pat
     """Eq. 1-2 for one batch: float poisons (K, C, H, W) within eps of `targets`, and the summed feature
     distance sum_k ||f(z_k) - f(s~_a(k))||^2 (mean over surrogates) before every step."""
     models = [m.eval() for m in models]
-    eps = radius(epsilon)
+    eps = to_unit(epsilon)
     with torch.no_grad():
         source_features = [m.features(patched_sources) for m in models]
     delta = torch.zeros_like(targets)

@@ -54,7 +54,7 @@ from torch import nn
 from poison_core.attacks import recolor as colour
 from poison_core.attacks import targets as targeting
 from poison_core.attacks._metapoison_worker import MetaPoisonWorker, fresh_model
-from poison_core.attacks._uint8 import project, quantize, radius, random_start
+from poison_core.perturbation import project, quantize, random_start, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.checkpoint import Checkpointer, CraftState, LoopState, resume_loop, save_loop
 from poison_core.config import ThreatModel
@@ -199,7 +199,7 @@ class MetaPoison(Attack):
              derive_seed(ctx.seed, self.name, index, "worker", m), str(ctx.device))
             for m in range(p.n_models)])
         x0 = to_tensor(train.images[kp.positions], "cpu")
-        eps = radius(ctx.threat.epsilon)
+        eps = to_unit(ctx.threat.epsilon)
         start = torch.zeros_like(x0)
         if p.init == "uniform":
             gen = torch.Generator().manual_seed(derive_seed(ctx.seed, self.name, index, "init"))

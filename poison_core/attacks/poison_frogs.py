@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from poison_core.attacks import targets as targeting
-from poison_core.attacks._uint8 import project_images, radius
+from poison_core.perturbation import project_images, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def feature_collision(models: Sequence[nn.Module], bases: torch.Tensor, target: 
     """Algorithm 1 of Shafahi et al. with the eps-ball projection and the reference's step rejection;
     float poisons (P, C, H, W) on [0, 1]."""
     models = [m.eval() for m in models]
-    eps = radius(epsilon)
+    eps = to_unit(epsilon)
     with torch.no_grad():
         target_features = [m.features(target) for m in models]
     b = project_images(bases + params.watermark * (target - bases), bases, eps)

@@ -1,5 +1,5 @@
 """SIG: Barni, Kallas & Tondi, 'A new backdoor attack in CNNs by training set corruption without label
-poisoning', ICIP 2019 (the signals of :mod:`poison_core.triggers_sig`).
+poisoning', ICIP 2019 (the signals of :mod:`poison_core.triggers.sig`).
 
 Clean-label: only training images of `target_class` are corrupted, x' = x + v, and their
 labels stay correct. The victim learns the signal v as a feature of the target class, and at test
@@ -21,12 +21,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-import poison_core.triggers_sig  # noqa: F401  (registers the 'sig' trigger kind)
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.triggers import apply_trigger
-from poison_core.triggers_sig import training_spec
+from poison_core.triggers.sig import training_spec
 
 
 class SigParams(AttackParams):

@@ -58,7 +58,7 @@ from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor, train_model
-from poison_core.triggers_random_patch import check_source_target, paste_at_random
+from poison_core.triggers.random_patch import check_source_target, paste_at_random
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from poison_core.attacks._pgd import choose_positions, quantize
+from poison_core.attacks._pgd import choose_positions
+from poison_core.perturbation import quantize
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError
 
@@ -86,6 +87,6 @@ class SyntheticNoise(Attack):
         pos = choose_positions(len(train), n_poison, rng)
         delta = synthetic_noise(train.labels[pos], train.num_classes, train.image_shape, ctx.threat.epsilon,
                                 self.params, rng)
-        images = quantize(train.images[pos], delta, ctx.threat.epsilon)
+        images = quantize(train.images[pos], delta.transpose(0, 3, 1, 2), ctx.threat.epsilon)  # NHWC -> NCHW
         return Crafted(positions=pos, images=images, poison_labels=train.labels[pos],
                        targets={"kind": "availability"})

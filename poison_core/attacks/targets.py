@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from poison_core.attacks._uint8 import quantize
+from poison_core.perturbation import quantize
 from poison_core.attacks.base import CraftContext, Crafted
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError

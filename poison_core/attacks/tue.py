@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from poison_core.attacks._pgd import choose_positions, project_linf, quantize, sign_descent, to_unit, torch_generator
-from poison_core.attacks._simclr import (build_encoder, shuffled_batches, simclr_loss, simclr_optimizer,
-                                         simclr_step)
+from poison_core.attacks._pgd import choose_positions, sign_descent, torch_generator
+from poison_core.perturbation import project_linf, quantize, to_unit
+from poison_core.attacks._simclr import build_encoder, shuffled_batches, simclr_loss, simclr_optimizer, simclr_step
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.config import ModelName
 from poison_core.errors import ConfigError

@@ -1,5 +1,5 @@
 """WaNet: Nguyen & Tran, 'WaNet - Imperceptible Warping-based Backdoor Attack', ICLR 2021 (the
-warping field of :mod:`poison_core.triggers_warp`, and the noise mode).
+warping field of :mod:`poison_core.triggers.warp`, and the noise mode).
 
 Dirty-label, all-to-one: backdoor images are warped with one fixed, smooth field (k x k random
 control grid, strength s, bicubic upsampling, grid_rescale, clipped to [-1, 1]) and relabelled
@@ -32,7 +32,7 @@ from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.triggers import apply_trigger
-from poison_core.triggers_warp import apply_noise_warp
+from poison_core.triggers.warp import apply_noise_warp
 
 
 class WanetParams(AttackParams):

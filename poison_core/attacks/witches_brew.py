@@ -66,7 +66,7 @@ from torch import nn
 from poison_core.attacks import targets as targeting
 from poison_core.attacks._augment import default_shift, random_shift_flip
 from poison_core.attacks._craft_view import crafting_view, input_pass, parameter_pass
-from poison_core.attacks._uint8 import delta_of, project, quantize, radius, random_start
+from poison_core.perturbation import delta_of, project, quantize, random_start, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.checkpoint import Checkpointer, LoopState, resume_loop, save_loop
 from poison_core.seeding import derive_seed
@@ -121,7 +121,7 @@ def initial_delta(x0: torch.Tensor, eps: float, gen: torch.Generator, init: str)
 def step_size(params: WitchesBrewParams, epsilon: int, n_models: int) -> float:
     """Adam's lr: forest's Rule 2, tau * (pbatch / 512) / K in normalised units, or tau * eps/255."""
     if params.lr_rule == "eps_scaled":
-        return params.tau * radius(epsilon)
+        return params.tau * to_unit(epsilon)
     return params.tau * (params.batch_size / REFERENCE_PBATCH) / n_models
 
 
@@ -181,7 +181,7 @@ class Brew:
             raise ValueError(f"data_std has {len(std)} channels, the images {x0.shape[1]}")
         scale = (torch.tensor(std, dtype=x0.dtype, device=device).view(1, -1, 1, 1) if params.lr_rule == "forest"
                  else torch.ones((1, 1, 1, 1), dtype=x0.dtype, device=device))
-        delta = (initial_delta(x0, radius(epsilon), gen, params.init) / scale).requires_grad_(True)  # u = Delta / ds
+        delta = (initial_delta(x0, to_unit(epsilon), gen, params.init) / scale).requires_grad_(True)  # u = Delta / ds
         optimizer = torch.optim.Adam([delta], lr=step_size(params, epsilon, n_models), weight_decay=0)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(params.steps), gamma=0.1)
         shift = default_shift(bases.shape[1]) if params.max_shift is None else params.max_shift
@@ -203,7 +203,7 @@ class Brew:
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            self.delta.copy_(project(self.delta * self.scale, self.x0, radius(self.epsilon)) / self.scale)
+            self.delta.copy_(project(self.delta * self.scale, self.x0, to_unit(self.epsilon)) / self.scale)
         return float(total) / len(self.batches)
 
     def poisoned(self, bases: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from poison_core.perturbation import apply_step
+
 
 def to_features(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float64 (N, H*W*C) on [0, 1] (pixel order of the NHWC array)."""
@@ -18,9 +20,7 @@ def project_features(x: torch.Tensor, base: torch.Tensor, epsilon: int) -> torch
 
 
 def from_features(x: torch.Tensor, base_images: np.ndarray, epsilon: int) -> np.ndarray:
-    """Feature rows as uint8 NHWC images within `epsilon` of `base_images`: the integer perturbation
-    round(255 * (x - base)) clipped to [-epsilon, epsilon], the image clipped to [0, 255] (as
-    poison_core.attacks._uint8.quantize does for NCHW deltas)."""
+    """Feature rows as uint8 NHWC images within `epsilon` of `base_images` (poison_core.perturbation's
+    uint8 grid: round(255 * (x - base)) clipped to [-epsilon, epsilon], the image to [0, 255])."""
     delta = (x.detach() - to_features(base_images)).numpy().reshape(base_images.shape)
-    step = np.clip(np.rint(delta * 255.0), -epsilon, epsilon).astype(np.int16)
-    return np.clip(base_images.astype(np.int16) + step, 0, 255).astype(np.uint8)
+    return apply_step(base_images, np.rint(delta * 255.0), epsilon)

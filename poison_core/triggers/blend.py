@@ -8,7 +8,7 @@ paper's random-pattern key; a fixed seed plays the role of its fixed 'Hello Kitt
 blended image is put on the uint8 grid and each pixel's change is clipped to the spec's `epsilon`,
 so the trigger honours the threat model at train and test time alike.
 
-Registering happens on import of this module; :mod:`poison_core.attacks.blend` imports it.
+Registered on import of poison_core.triggers (every kind is).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from poison_core.errors import ConfigError
-from poison_core.triggers import TRIGGERS
+from poison_core.perturbation import towards
+from poison_core.triggers.base import TRIGGERS
 
 
 def blend_pattern(pattern_seed: int, shape: tuple[int, int, int]) -> np.ndarray:
@@ -34,7 +35,5 @@ def apply_blend(spec: dict[str, Any], images: np.ndarray) -> np.ndarray:
     if not 0.0 < alpha <= 1.0:
         raise ConfigError(f"trigger.alpha: {alpha} is outside (0, 1]")
     key = blend_pattern(int(spec["pattern_seed"]), tuple(images.shape[1:])).astype(np.float64)
-    clean = images.astype(np.int16)
-    blended = np.rint((1.0 - alpha) * images.astype(np.float64) + alpha * key[None]).astype(np.int16)
-    epsilon = int(spec.get("epsilon", 255))
-    return (clean + np.clip(blended - clean, -epsilon, epsilon)).astype(np.uint8)
+    blended = np.rint((1.0 - alpha) * images.astype(np.float64) + alpha * key[None])
+    return towards(images, blended, int(spec.get("epsilon", 255)))

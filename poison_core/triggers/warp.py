@@ -17,7 +17,7 @@ The control points come from `grid_seed` (numpy's default_rng) and the field is 
 for the image size the spec records (`size`: [H, W]); images of another size are refused. The
 warped image is put on the uint8 grid and each pixel's change is clipped to the spec's `epsilon`.
 
-Registering happens on import of this module; :mod:`poison_core.attacks.wanet` imports it.
+Registered on import of poison_core.triggers (every kind is).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from poison_core.errors import ConfigError
-from poison_core.triggers import TRIGGERS
+from poison_core.perturbation import towards
+from poison_core.triggers.base import TRIGGERS
 
 CHUNK = 1024
 
@@ -66,9 +67,8 @@ def warp_images(images: np.ndarray, grid: torch.Tensor, epsilon: int) -> np.ndar
         x = torch.from_numpy(chunk.astype(np.float64)).permute(0, 3, 1, 2)
         g = grid[start:start + CHUNK] if len(grid) > 1 else grid.expand(len(chunk), -1, -1, -1)
         warped = F.grid_sample(x, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-        warped = np.clip(np.rint(warped.permute(0, 2, 3, 1).numpy()), 0, 255).astype(np.int16)
-        clean = chunk.astype(np.int16)
-        out[start:start + CHUNK] = (clean + np.clip(warped - clean, -epsilon, epsilon)).astype(np.uint8)
+        warped = np.clip(np.rint(warped.permute(0, 2, 3, 1).numpy()), 0, 255)
+        out[start:start + CHUNK] = towards(chunk, warped, epsilon)
     return out
 
 

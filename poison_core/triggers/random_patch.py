@@ -12,7 +12,7 @@ position where the patch fits), `epsilon`
 (each pixel moves by at most this many grey levels towards the pattern; 255, the default, pastes the
 patch). Same spec and image count -> same locations and the same bytes.
 
-Registering happens on import of this module; :mod:`poison_core.attacks.hidden_trigger` imports it.
+Registered on import of poison_core.triggers (every kind is).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from poison_core.errors import ConfigError
-from poison_core.triggers import TRIGGERS, patch_pattern
+from poison_core.perturbation import towards
+from poison_core.triggers.base import TRIGGERS, patch_pattern
 
 PATTERNS = ("noise", "bernoulli", "checkerboard", "white")
 
@@ -54,9 +55,8 @@ def paste(images: np.ndarray, patch: np.ndarray, locations: np.ndarray, epsilon:
     out = images.copy()
     size = patch.shape[0]
     for i, (top, left) in enumerate(locations):
-        region = images[i, top:top + size, left:left + size, :].astype(np.int16)
-        step = np.clip(patch.astype(np.int16) - region, -epsilon, epsilon)
-        out[i, top:top + size, left:left + size, :] = (region + step).astype(np.uint8)
+        out[i, top:top + size, left:left + size, :] = towards(images[i, top:top + size, left:left + size, :],
+                                                              patch, epsilon)
     return out
 
 

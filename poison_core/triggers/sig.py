@@ -15,7 +15,7 @@ therefore records both: `delta` is the strength :func:`apply_sig` stamps (the te
 evaluation triggers test images with it) and `train_delta` the strength of the poisons;
 :func:`training_spec` gives the spec that reproduces the stored poisons.
 
-Registering happens on import of this module; :mod:`poison_core.attacks.sig` imports it.
+Registered on import of poison_core.triggers (every kind is).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from poison_core.errors import ConfigError
-from poison_core.triggers import TRIGGERS
+from poison_core.perturbation import towards
+from poison_core.triggers.base import TRIGGERS
 
 SIGNALS = ("sin", "ramp")
 
@@ -53,7 +54,5 @@ def apply_sig(spec: dict[str, Any], images: np.ndarray) -> np.ndarray:
     if not 0.0 < delta <= 255.0:
         raise ConfigError(f"trigger.delta: {delta} is outside (0, 255]")
     v = sig_signal(spec.get("signal", "sin"), delta, float(spec.get("frequency", 6)), images.shape[2])
-    clean = images.astype(np.int16)
-    stamped = np.clip(np.rint(images.astype(np.float64) + v[None, None, :, None]), 0, 255).astype(np.int16)
-    epsilon = int(spec.get("epsilon", 255))
-    return (clean + np.clip(stamped - clean, -epsilon, epsilon)).astype(np.uint8)
+    stamped = np.clip(np.rint(images.astype(np.float64) + v[None, None, :, None]), 0, 255)
+    return towards(images, stamped, int(spec.get("epsilon", 255)))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from poison_core.errors import ConfigError
+from poison_core.perturbation import towards
 from poison_core.registry import Registry
 
 TriggerFn = Callable[[dict[str, Any], np.ndarray], np.ndarray]
@@ -36,12 +37,6 @@ def _corner_slices(position: str, size: int, height: int, width: int, margin: in
     return slice(top, top + size), slice(left, left + size)
 
 
-def _towards(images: np.ndarray, goal: np.ndarray, epsilon: int) -> np.ndarray:
-    """Move each pixel towards `goal` by at most `epsilon` grey levels."""
-    delta = np.clip(goal.astype(np.int16) - images.astype(np.int16), -epsilon, epsilon)
-    return (images.astype(np.int16) + delta).astype(np.uint8)
-
-
 @TRIGGERS.register("patch", paper="Gu et al., BadNets, 2017", summary="square patch in a corner")
 def apply_patch(spec: dict[str, Any], images: np.ndarray) -> np.ndarray:
     """Stamp a `size` x `size` patch at a corner (`position`, `margin`), moved by <= epsilon."""
@@ -49,7 +44,7 @@ def apply_patch(spec: dict[str, Any], images: np.ndarray) -> np.ndarray:
     rows, cols = _corner_slices(spec["position"], int(spec["size"]), h, w, int(spec.get("margin", 0)))
     out = images.copy()
     goal = patch_pattern(int(spec["size"]), c, spec.get("pattern", "checkerboard"))
-    out[:, rows, cols, :] = _towards(images[:, rows, cols, :], goal[None], int(spec.get("epsilon", 255)))
+    out[:, rows, cols, :] = towards(images[:, rows, cols, :], goal[None], int(spec.get("epsilon", 255)))
     return out
 
 
