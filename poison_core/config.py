@@ -190,7 +190,7 @@ class ThreatModel(StrictModel):
 
     color_epsilon: bound of a colour perturbation (ReColorAdv, Laidlaw & Feizi, NeurIPS 2019, Sec. 3;
     MetaPoison's reference applies one, -epscolor 0.04): the largest shift of any point of the colour
-    grid along any channel of its colour space (poison_core.attacks.recolor: YUV, or grey), as a fraction
+    grid along any channel of its colour space (poison_core.recolor: YUV, or grey), as a fraction
     of that channel's range, in [0, 1]. 0 (the default) allows no colour perturbation; with a colour part
     the L-inf bound `epsilon` applies to the poison minus the colour-shifted image. A zero color_epsilon
     is left out of the dump, so threat models without one serialise (and hash) as they did before.

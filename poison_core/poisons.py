@@ -136,7 +136,7 @@ def additive_linf(poison_set: PoisonSet, train: ImageDataset) -> int:
     base = train.images[train.positions(poison_set.ids)]
     if poison_set.color is not None:
         # imported here: poison_core.attacks imports this module
-        from poison_core.attacks.recolor import shifted_base
+        from poison_core.recolor import shifted_base
 
         base = shifted_base(base, poison_set.color)
     return int(np.abs(poison_set.images.astype(np.int16) - base.astype(np.int16)).max())
@@ -144,7 +144,7 @@ def additive_linf(poison_set: PoisonSet, train: ImageDataset) -> int:
 
 def _check_color(color: np.ndarray, channels: int, threat: ThreatModel) -> None:
     """The colour parameters' shape and their bound: |theta| <= color_epsilon (compared in float32)."""
-    from poison_core.attacks.recolor import check_shape
+    from poison_core.recolor import check_shape
 
     if threat.color_epsilon == 0:
         raise AuditError("poison set has a colour perturbation (colour parameters), but threat.color_epsilon is 0: "

@@ -149,7 +149,7 @@ def source_state(victim: VictimConfig, image_shape: tuple[int, int, int]) -> dic
 
 def ssl_state(victim: VictimConfig, data: ImageDataset, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     """The body of a SimCLR encoder of the victim architecture trained on `data.images` (no labels)."""
-    from poison_core.attacks._simclr import SimCLRParams, fit_simclr_encoder
+    from poison_core.simclr import SimCLRParams, fit_simclr_encoder
 
     ssl = victim.ssl
     params = SimCLRParams(model=victim.model.name, width=victim.model.width, projection_dim=ssl.projection_dim,

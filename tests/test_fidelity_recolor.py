@@ -21,7 +21,7 @@ from torch import nn
 
 from poison_core import __version__
 from poison_core.attacks import CraftContext, make_attack
-from poison_core.attacks import recolor as rc
+from poison_core import recolor as rc
 from poison_core.attacks._unroll import unrolled_recolor_grad
 from poison_core.attacks.metapoison import MetaPoisonWorker
 from poison_core.config import BenchmarkConfig, DatasetConfig, ModelConfig, TargetSelection, ThreatModel

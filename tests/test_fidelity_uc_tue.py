@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from poison_core.attacks import CraftContext, make_attack
-from poison_core.attacks._simclr import color_jitter, random_grayscale, shuffled_batches, simclr_views
+from poison_core.simclr import color_jitter, random_grayscale, shuffled_batches, simclr_views
 from poison_core.attacks.tue import csd
 from poison_core.config import ModelConfig, ThreatModel, TrainConfig
 from poison_core.models import build_model

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poison_core.attacks._unroll import Batch, OuterLoss, unrolled_adversarial_grad, unrolled_recolor_grad
-from poison_core.attacks.recolor import recolor, smoothness
+from poison_core.recolor import recolor, smoothness
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor
 

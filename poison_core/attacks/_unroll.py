@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from poison_core.attacks.recolor import recolor
+from poison_core.recolor import recolor
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

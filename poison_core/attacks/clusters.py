@@ -17,7 +17,7 @@ trained on the WHOLE protected set (not only its cluster) under random crop + ho
 (their Resize 256 / RandomCrop 224 is a shift of up to 1/8 of the side: `_augment.default_shift`),
 with Adam (weight decay 5e-4) and a cosine learning-rate schedule, for 50 epochs (their
 stage_1.yaml). Their encoder is an ImageNet-pretrained ResNet-50 or CLIP; ours is a SimCLR encoder
-(:mod:`poison_core.attacks._simclr`) trained here, without labels, on the protected images, so the
+(:mod:`poison_core.simclr`) trained here, without labels, on the protected images, so the
 attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Their
 generator is a ResNet generator (lr 1e-4); ours is a three-layer conv generator, whose default lr
 stays 0.01. Labels are unchanged (clean-label).
@@ -36,7 +36,7 @@ from torch import nn
 from poison_core.attacks._augment import default_shift, random_shift_flip
 from poison_core.attacks._pgd import choose_positions, frozen, torch_generator
 from poison_core.perturbation import clip_unit, quantize, to_unit
-from poison_core.attacks._simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
+from poison_core.simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError
 from poison_core.training import batch_slices, to_tensor

@@ -25,7 +25,7 @@ init 'zero', craft_warmup 0, lr_warmup_epochs 0.
 The reference's colour perturbation (ReColorAdv, Laidlaw & Feizi, NeurIPS 2019; reference meta.py
 ``colorperts``, on by default there) is the option `recolor` (off by default, so poisons stay L-inf only):
 each poison is f_theta(base) + delta, theta its shifts of a recolor_grid^C grid over YUV (grey for one
-channel; :mod:`poison_core.attacks.recolor`), zero at the start. theta gets the meta-gradient of the same
+channel; :mod:`poison_core.recolor`), zero at the start. theta gets the meta-gradient of the same
 objective plus recolor_smoothness * R(theta) and joins delta in the one Adam (reference ``metavars``); after
 each step theta is clipped to threat.color_epsilon (and into colour space), then delta to the eps-ball and
 the pixel box around the colour-shifted base (the reference clips delta to the ball only; our pixels are
@@ -51,7 +51,7 @@ import torch
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
-from poison_core.attacks import recolor as colour
+from poison_core import recolor as colour
 from poison_core.attacks import targets as targeting
 from poison_core.attacks._metapoison_worker import MetaPoisonWorker, fresh_model
 from poison_core.perturbation import project, quantize, random_start, to_unit

@@ -19,7 +19,7 @@ demo.sh: 40 epochs, train_step 20, num_steps 20, step_size 0.8, batch 512, rando
 ssl_weight 0 and linear_noise_csd_weight 0.1. With ssl_weight 0 (their SimCLR and SimSiam commands)
 the noise sees only the CSD term and the encoder does not influence it, so it is not trained at all
 here; set `ssl_weight` > 0 (their MoCo command uses 1 and 1) for the joint objective. Encoder, views
-(crop, flip, colour jitter, greyscale) and optimiser: :mod:`poison_core.attacks._simclr`. As in
+(crop, flip, colour jitter, greyscale) and optimiser: :mod:`poison_core.simclr`. As in
 `simclr_utils.get_linear_noise_csd_loss`, the radii r_k enter CSD as constants (gradient through the
 centres only); `csd(..., radius_grad=True)` differentiates them too. Labels are unchanged.
 
@@ -40,7 +40,7 @@ from pydantic import Field
 
 from poison_core.attacks._pgd import choose_positions, sign_descent, torch_generator
 from poison_core.perturbation import project_linf, quantize, to_unit
-from poison_core.attacks._simclr import build_encoder, shuffled_batches, simclr_loss, simclr_optimizer, simclr_step
+from poison_core.simclr import build_encoder, shuffled_batches, simclr_loss, simclr_optimizer, simclr_step
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.config import ModelName
 from poison_core.errors import ConfigError

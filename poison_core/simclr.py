@@ -1,4 +1,5 @@
-"""SimCLR pieces shared by the attacks that need a label-free encoder (TUE, Unlearnable Clusters).
+"""SimCLR pieces shared by the attacks that need a label-free encoder (TUE, Unlearnable Clusters) and the
+`simclr-linear` victim protocol (poison_core.protocols).
 
 SimCLR (Chen et al., 'A Simple Framework for Contrastive Learning of Visual Representations',
 ICML 2020): two random views of every image go through an encoder f and a projection head g, and
@@ -29,15 +30,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from poison_core.attacks.base import AttackParams
-from poison_core.config import ModelConfig, ModelName
+from poison_core.config import ModelConfig, ModelName, StrictModel
 from poison_core.models import build_model
 from poison_core.training import to_tensor
 
 logger = logging.getLogger(__name__)
 
 
-class SimCLRParams(AttackParams):
+class SimCLRParams(StrictModel):
     """A label-free SimCLR encoder: backbone from the model registry, head and recipe of TUE's code
     (feature_dim 128, temperature 0.5, batch 512, Adam lr 1e-3; 40 epochs as in its SimCLR demo)."""
 
