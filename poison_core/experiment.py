@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -65,22 +66,37 @@ def craft(cfg: BenchmarkConfig, attack: AttackConfig, splits: DatasetSplits, see
     attacker = make_attack(attack.name, attack.params)
     if attacker.needs_surrogate and surrogates is None:
         surrogates = pretrain_surrogates(cfg, splits, seed, device)
-    ctx = CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
-                       seed=derive_seed(seed, "craft", attack.key), device=device,
-                       surrogates=surrogates or [], surrogate_checksums=[state_checksum(m) for m in surrogates or []])
-    return attacker.craft(ctx)
+    models = list(surrogates or [])
+    return attacker.craft(craft_context(cfg, attack, splits, seed, device, models, [state_checksum(m) for m in models]))
+
+
+def craft_context(cfg: BenchmarkConfig, attack: AttackConfig, splits: DatasetSplits, seed: int, device: torch.device,
+                  surrogates: Sequence[nn.Module] = (), checksums: Sequence[str] = (), **orchestration: Any) -> CraftContext:
+    """The CraftContext of one (attack, seed): the attack's threat model and its crafting seed derived from
+    the cell. The one builder of it: the in-process benchmark here and the stages (tasks.stages, which add
+    Ray-backed `map` / `actors`, checkpoints and retries through `orchestration`) both call it."""
+    return CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
+                        seed=derive_seed(seed, "craft", attack.key), device=device,
+                        surrogates=surrogates, surrogate_checksums=checksums, **orchestration)
 
 
 def train_defended(cfg: BenchmarkConfig, defense: DefenseConfig, splits: DatasetSplits, seed: int,
                    device: torch.device, poison_set: PoisonSet | None = None) -> DefenseResult:
     """Train the victim under `defense` on the clean or poisoned training set."""
-    train = splits.train if poison_set is None else apply(poison_set, splits.train)
-    mask = None if poison_set is None else poison_mask(poison_set, splits.train)
+    return make_defense(defense.name, defense.params).fit(defense_context(cfg, defense, splits, seed, device, poison_set))
+
+
+def defense_context(cfg: BenchmarkConfig, defense: DefenseConfig, splits: DatasetSplits, seed: int,
+                    device: torch.device, poison_set: PoisonSet | None = None, **orchestration: Any) -> DefenseContext:
+    """The DefenseContext of one (defense, seed) on the clean (poison_set None) or poisoned training set:
+    the PoisonSet applied (its goal checked against the victim protocol), the protocol's relabelling and
+    the victim's seed derived from the cell. The one builder of it, for this module and tasks.stages."""
+    train, mask = splits.train, None
     if poison_set is not None:
         check_goal(cfg.victim, poison_set.provenance.get("attack", "?"), poison_set.targets, poison_set.trigger)
-    ctx = DefenseContext(train=relabelled(train, cfg.victim), victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
-                         device=device, is_poison=mask)
-    return make_defense(defense.name, defense.params).fit(ctx)
+        train, mask = apply(poison_set, splits.train), poison_mask(poison_set, splits.train)
+    return DefenseContext(train=relabelled(train, cfg.victim), victim=cfg.victim,
+                          seed=derive_seed(seed, "victim", defense.key), device=device, is_poison=mask, **orchestration)
 
 
 def run_benchmark(cfg: BenchmarkConfig, *, device: torch.device | None = None,

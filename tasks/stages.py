@@ -23,19 +23,18 @@ import torch
 
 from infra.ray_runner import ActorFactory, job_map
 from infra.storage import Store
-from poison_core.attacks import CraftContext, make_attack
+from poison_core.attacks import make_attack
 from poison_core.checkpoint import Checkpointer
 from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig, ThreatModel
 from poison_core.data import DatasetSplits, ImageDataset, load_dataset, write_split
-from poison_core.defenses import Classifier, DefenseContext, make_defense
+from poison_core.defenses import Classifier, make_defense
 from poison_core.defenses.persist import load_classifier, save_classifier
-from poison_core.experiment import cell_row, train_surrogate
+from poison_core.experiment import cell_row, craft_context, defense_context, train_surrogate
 from poison_core.models import build_model
 from poison_core.models.io import check_safetensors, load_state, save_model, state_checksum
 from poison_core.errors import AuditError, InputError
-from poison_core.poisons import PoisonSet, apply, poison_mask
-from poison_core.protocols import check_goal, relabelled
-from poison_core.seeding import derive_seed
+from poison_core.poisons import PoisonSet
+from poison_core.protocols import relabelled
 from tasks import keys
 from tasks.keys import StageKey, poison_key, surrogate_key
 from tasks.keys import dataset_prefix, model_key  # noqa: F401  (re-exported: callers name stage keys here)
@@ -229,12 +228,10 @@ def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackC
         surrogates, checksums = load_surrogates(store, cfg, prefix, seed, splits, device)
     actors = ActorFactory(cfg.execution)
     checkpoints = checkpoint_prefix(key)
-    ctx = CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
-                       seed=derive_seed(seed, "craft", attack.key), device=torch.device(device),
-                       surrogates=surrogates, surrogate_checksums=checksums, map=job_map(cfg.execution),
-                       actors=actors, retries=cfg.execution.max_retries,
-                       checkpoint=Checkpointer(store.uri(checkpoints, "craft.safetensors"),
-                                               cfg.execution.checkpoint_every, store.storage_options))
+    ctx = craft_context(cfg, attack, splits, seed, torch.device(device), surrogates, checksums,
+                        map=job_map(cfg.execution), actors=actors, retries=cfg.execution.max_retries,
+                        checkpoint=Checkpointer(store.uri(checkpoints, "craft.safetensors"),
+                                                cfg.execution.checkpoint_every, store.storage_options))
     clock = _Compute()
     try:
         with clock():
@@ -263,13 +260,8 @@ def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: Defe
     if run.reusable:
         return run.done()
     splits = load_splits(store, prefix)
-    train, mask = splits.train, None
-    if poisons is not None:
-        poison_set = read_poisons(store, cfg, prefix, poisons, splits.train)
-        check_goal(cfg.victim, poison_set.provenance.get("attack", "?"), poison_set.targets, poison_set.trigger)
-        train, mask = apply(poison_set, splits.train), poison_mask(poison_set, splits.train)
-    ctx = DefenseContext(train=relabelled(train, cfg.victim), victim=cfg.victim, seed=derive_seed(seed, "victim", defense.key),
-                         device=torch.device(device), is_poison=mask, map=job_map(cfg.execution))
+    poison_set = None if poisons is None else read_poisons(store, cfg, prefix, poisons, splits.train)
+    ctx = defense_context(cfg, defense, splits, seed, torch.device(device), poison_set, map=job_map(cfg.execution))
     clock = _Compute()
     with clock():
         result = make_defense(defense.name, defense.params).fit(ctx)
