@@ -10,8 +10,8 @@ Everything is float64 torch on the CPU; features are uint8 pixels / 255, flatten
 """
 
 from poison_core.convex.features import from_features, to_features
-from poison_core.convex.implicit import (conjugate_gradient, hvp, implicit_gradient, inverse_hvp, lissa, loss_gradient,
-                                         removal_influence)
+from poison_core.convex.implicit import implicit_gradient, inverse_hvp, loss_gradient, removal_influence
+from poison_core.convex.linalg import conjugate_gradient, hvp, lissa
 from poison_core.convex.learners import LEARNERS, ConvexLearner, LogisticRegression, Ridge, SmoothSVM, fit, make_learner
 
 __all__ = ["LEARNERS", "ConvexLearner", "LogisticRegression", "Ridge", "SmoothSVM", "conjugate_gradient", "fit",

@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from poison_core.convex.linalg import conjugate_gradient, hvp
 from poison_core.registry import Registry
 
 
@@ -106,8 +107,6 @@ def fit(learner: ConvexLearner, x: torch.Tensor, y: torch.Tensor, *, weights: to
 
     Stops when the gradient norm falls below `tol` (relative to max(1, ||grad at start||)).
     """
-    from poison_core.convex.implicit import conjugate_gradient, hvp
-
     x, y = x.detach(), y.detach()
     theta = (learner.init_params() if theta0 is None else theta0.detach().clone()).requires_grad_(True)
 
