@@ -7,19 +7,16 @@
     splits.train.images  # uint8 (500, 8, 8, 1)
 
 Registered loaders: digits (embedded default), fashion-mnist, cifar10, imagefolder, parquet.
-`DATASETS` is defined before the loader modules are imported, so they can register into it;
-nothing here imports poison_core.config at import time (config imports this package lazily).
+`DATASETS` lives in poison_core.data.registry, which the loader modules register into; nothing here
+imports poison_core.config at import time (config imports this package lazily).
 """
 
-from poison_core.registry import Registry
-
-DATASETS: Registry = Registry("dataset")
-
-from poison_core.data.dataset import DatasetSplits, ImageDataset  # noqa: E402
-from poison_core.data.parquet import read_split, write_split  # noqa: E402
-from poison_core.data.splits import split_dataset, subsample  # noqa: E402
-from poison_core.data.loaders import load_dataset  # noqa: E402
-from poison_core.data import cifar, imagefolder  # noqa: E402,F401  (register their loaders)
+from poison_core.data.registry import DATASETS
+from poison_core.data.dataset import DatasetSplits, ImageDataset
+from poison_core.data.parquet import read_split, write_split
+from poison_core.data.splits import split_dataset, subsample
+from poison_core.data.loaders import load_dataset
+from poison_core.data import cifar, imagefolder  # noqa: F401  (register their loaders)
 
 __all__ = ["ImageDataset", "DatasetSplits", "DATASETS", "load_dataset", "write_split", "read_split",
            "split_dataset", "subsample"]

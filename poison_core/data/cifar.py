@@ -1,7 +1,7 @@
 """CIFAR-10 from a local ``cifar-10-batches-py`` folder, read with a restricted unpickler.
 
 The batches are Python pickles. Unpickling runs arbitrary code, so they are read with the restricted
-unpickler of poison_core.interop.safe_pickle, which resolves exactly the globals a numpy array needs
+unpickler of poison_core.safe_pickle, which resolves exactly the globals a numpy array needs
 and refuses every other one. A download (only when ``cfg.download`` is set and the folder is missing)
 fetches and md5-checks the official archive through torchvision's download helper, then reads it
 with the same restricted unpickler.
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from poison_core.data import DATASETS
+from poison_core.data.registry import DATASETS
 from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.splits import finish_splits
 from poison_core.errors import DatasetError
-from poison_core.interop.safe_pickle import numpy_globals, safe_loads
+from poison_core.safe_pickle import numpy_globals, safe_loads
 from poison_core.paths import read_regular
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from poison_core.data import DATASETS
+from poison_core.data.registry import DATASETS
 from poison_core.errors import DatasetError
 from poison_core.io import filesystem
 

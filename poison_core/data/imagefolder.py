@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from poison_core.data import DATASETS
+from poison_core.data.registry import DATASETS
 from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.loaders import split_single_source
 from poison_core.data.splits import finish_splits

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from poison_core.data import DATASETS
+from poison_core.data.registry import DATASETS
 from poison_core.data.dataset import DatasetSplits, ImageDataset
 from poison_core.data.idx import read_idx_images, read_idx_labels
 from poison_core.data.parquet import read_split

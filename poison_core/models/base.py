@@ -1,4 +1,6 @@
-"""The model registry: image classifiers that follow one features/head convention.
+"""The model registry and its convention (poison_core.models imports every member into it).
+
+Image classifiers that follow one features/head convention.
 
 Every member of ``MODELS`` is a builder ``(in_channels, num_classes, image_size, width) -> nn.Module``
 returning a :class:`Classifier`: ``model.features(x)`` is the penultimate feature vector (N, D),
@@ -76,8 +78,3 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(channels, num_classes, (height, width_px), cfg.width)
-
-
-from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: E402, F401  (registers members; after MODELS exists)
-
-__all__ = ["MODELS", "Classifier", "ModelBuilder", "build_model"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from poison_core.models import MODELS, Classifier
+from poison_core.models.base import MODELS, Classifier
 
 DEFAULT_WIDTH = 32
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poison_core.models import MODELS, Classifier
+from poison_core.models.base import MODELS, Classifier
 
 DEFAULT_WIDTH = 32
 SMALL_IMAGE_SIDE = 64

@@ -1,0 +1,6 @@
+"""The DATASETS registry of loaders (its own module, so the loaders register into it without importing the
+package that imports them)."""
+
+from poison_core.registry import Registry
+
+DATASETS: Registry = Registry("dataset")

@@ -1,0 +1,11 @@
+"""The model registry: image classifiers that follow one features/head convention (poison_core.models.base).
+
+Importing this package registers every member; a new architecture is a module here that registers
+with ``@MODELS.register`` (importing ``MODELS`` and ``Classifier`` from ``poison_core.models.base``)
+and is imported below.
+"""
+
+from poison_core.models.base import MIN_IMAGE_SIZE, MODELS, Classifier, ModelBuilder, build_model
+from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: F401  (registers members)
+
+__all__ = ["MIN_IMAGE_SIZE", "MODELS", "Classifier", "ModelBuilder", "build_model"]
