@@ -14,7 +14,7 @@ from PIL import Image
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.errors import AuditError, DatasetError
 from poison_core.interop import FORMATS, formats
-from poison_core.interop.safe_pickle import numpy_globals, pil_globals, safe_loads
+from poison_core.safe_pickle import numpy_globals, pil_globals, safe_loads
 from poison_core.poisons import to_parquet_bytes
 from tests.interop_helpers import THREAT, benchmark_trial, rgb_splits
 

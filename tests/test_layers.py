@@ -1,8 +1,10 @@
 """The layer contracts of pyproject.toml (import-linter): they hold on this tree, and a wrong import breaks them.
 
-belladonna -> flows -> tasks -> infra -> poison_core, and poison_core never imports prefect / ray /
-mlflow / boto3 / s3fs. The negative case copies the five packages to a temporary folder, adds one
-upward import and expects `lint-imports` to fail naming it: a contract that cannot fail checks nothing.
+belladonna -> flows -> tasks -> infra -> poison_core; poison_core never imports prefect / ray /
+mlflow / boto3 / s3fs; inside poison_core the members (attacks, defenses: independent of each other)
+sit above the shared machinery, data and models, and configs and registries. The negative cases copy
+the five packages to a temporary folder, add one upward import and expect `lint-imports` to fail
+naming it: a contract that cannot fail checks nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def test_the_layer_contracts_hold(lint_imports, tmp_path):
     ("poison_core/io.py", "import tasks.keys\n", "poison_core is not allowed to import tasks"),
     ("infra/storage.py", "import flows.benchmark\n", "infra is not allowed to import flows"),
     ("poison_core/metrics.py", "import mlflow\n", "poison_core.metrics -> mlflow"),
+    ("poison_core/perturbation.py", "import poison_core.attacks.base\n",
+     "poison_core.perturbation -> poison_core.attacks.base"),
+    ("poison_core/attacks/badnets.py", "import poison_core.defenses.base\n",
+     "poison_core.attacks is not allowed to import poison_core.defenses"),
 ])
 def test_a_wrong_import_breaks_a_contract(lint_imports, tmp_path, module, line, named):
     _copy_tree(tmp_path)

@@ -17,7 +17,7 @@ Formats (one module each; pure numpy / PIL / pickle, no orchestration imports):
   ``ids``) and optional ``labels``, or a folder with ``poisons.npy``, ``indices.npy`` and optional
   ``labels.npy``, as APBench and many papers ship poisons.
 
-Pickles are read only through :mod:`.safe_pickle` (a restricted unpickler); ``.npy`` files with
+Pickles are read only through :mod:`poison_core.safe_pickle` (a restricted unpickler); ``.npy`` files with
 ``allow_pickle=False`` after their header's shape is checked against the limits.
 
 Ids: an index in another tool's file is the sample's position in the dataset's *original* order, and

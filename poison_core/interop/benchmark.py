@@ -27,7 +27,7 @@ from poison_core.data.dataset import ImageDataset
 from poison_core.errors import DatasetError
 from poison_core.interop.common import (Imported, as_uint8_images, check_count, find_test_id, sources, targeted,
                                         write_folder)
-from poison_core.interop.safe_pickle import PickledImage, numpy_globals, pil_globals, read_limited, safe_loads
+from poison_core.safe_pickle import PickledImage, numpy_globals, pil_globals, read_limited, safe_loads
 from poison_core.poisons import PoisonSet
 
 FILES = ("poisons.pickle", "base_indices.pickle", "target.pickle")
