@@ -104,7 +104,7 @@ def summarize(store: str, cfg: BenchmarkConfig, prefix: str, rows: list[dict[str
         parent = log_benchmark(tracker, record)
     create_markdown_artifact(markdown=f"{markdown}\n\n{_mlflow_link(tracker, parent)}", key=_artifact_key(cfg.name),
                              description="Belladonna benchmark summary (mean over seeds)")
-    return {"summary": summary, "mlflow": {"tracking_uri": tracker.tracking_uri,
+    return {"summary": summary, "dataset_checksum": dataset.checksum, "mlflow": {"tracking_uri": tracker.tracking_uri,
                                            "experiment_id": tracker.experiment_id, "run_id": parent}}
 
 
