@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 RESULTS = "results.json"
 SELECTOR = re.compile(r"^(latest|previous|latest~(\d{1,4}))$")
+RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-z]{8}$")
 
 
 def new_run_id(started: float, flow_run_id: str | None) -> str:
@@ -50,7 +51,8 @@ def run_ids(benchmark_dir: Path) -> list[str]:
     """The completed runs of a benchmark folder, oldest first."""
     if not benchmark_dir.is_dir():
         return []
-    return sorted(p.name for p in benchmark_dir.iterdir() if p.is_dir() and (p / RESULTS).is_file())
+    return sorted(p.name for p in benchmark_dir.iterdir()
+                  if RUN_ID.match(p.name) and p.is_dir() and (p / RESULTS).is_file())
 
 
 def select(benchmark_dir: Path, selector: str) -> Path:
@@ -78,7 +80,7 @@ def resolve(arg: str, out: Path = Path("runs")) -> Path:
     ``nightly/previous``). One InputError line when none of those exist."""
     path = Path(arg)
     for candidate in (path, out / path) if not path.is_absolute() else (path,):
-        if candidate.is_file():
+        if candidate.is_file() and not (candidate.name == LATEST and run_ids(candidate.parent)):
             return candidate
         if candidate.is_dir():
             if run_ids(candidate):
