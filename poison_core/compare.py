@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from poison_core.compare_stats import holm, two_proportions, welch
-from poison_core.metrics import key_count_columns, metric_kind
+from poison_core.metrics import key_count_columns, metric_kind, metric_range
 
 # +1: a higher value is better for the defender; -1: a higher value is worse. Metrics not named here
 # are not compared (counts, settings, timings). ``baseline_x`` is the no-poison victim's ``x``.
@@ -139,7 +139,10 @@ def _test(name: str, base_rows: list[dict], new_rows: list[dict], confidence: fl
            "base_n": int(a.size), "new_n": int(b.size), "diff": float(b.mean() - a.mean())}
     if res is None:
         return {**out, "test": "none (fewer than two seeds)", "diff_ci": None, "statistic": None, "p": None}
-    return {**out, "diff_ci": list(res["ci"]), "statistic": res["t"], "df": res["df"], "p": res["p"]}
+    bounds = metric_range(name)  # a difference of two values in [lo, hi] lies in [lo - hi, hi - lo]
+    ci = list(res["ci"]) if bounds is None else [max(res["ci"][0], bounds[0] - bounds[1]),
+                                                 min(res["ci"][1], bounds[1] - bounds[0])]
+    return {**out, "diff_ci": ci, "statistic": res["t"], "df": res["df"], "p": res["p"]}
 
 
 def compare_results(base: dict[str, Any], new: dict[str, Any], thresholds: Thresholds | None = None,
