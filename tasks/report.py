@@ -186,7 +186,8 @@ def _poison_grids(cfg: BenchmarkConfig, train, poison_sets: dict, folder: Path) 
             continue
         fig = figures.poison_grid(train.images[train.positions(ps.ids)], ps.images, n=count,
                                   orig_labels=ps.orig_labels[:count], poison_labels=ps.poison_labels[:count],
-                                  title=f"{attack} (seed {seed})", class_names=train.class_names)
+                                  title=f"{attack} (seed {seed}): {count} of {len(ps)} poisons",
+                                  class_names=train.class_names)
         path = folder / f"{attack}-seed{seed}" / "poisons.png"
         path.parent.mkdir(parents=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
