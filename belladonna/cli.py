@@ -214,18 +214,25 @@ def stage_retrain(config: Path, store: Optional[str] = typer.Option(None, help=S
 
 
 @app.command()
-def report(run_folder: Path = typer.Argument(..., help="A run folder (OUT/NAME) or its results.json.")) -> None:
-    """Print the results table of a finished run."""
+def report(run_folder: Path = typer.Argument(..., help="A run folder, its results.json, a benchmark folder or name "
+                                             "(its latest run), or BENCHMARK/latest|previous|RUN_ID."),
+           out: Path = typer.Option(Path("runs"), help="Run folder that benchmark names are looked up in."),
+           html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML report page here.")
+           ) -> None:
+    """Print the results table of a finished run (and write its HTML page with --html)."""
     from belladonna.results_file import read_results
+    from tasks.run_history import resolve
 
-    path = run_folder / "results.json" if run_folder.is_dir() else run_folder
-    if not path.exists():
-        raise InputError(f"run {str(run_folder)!r} has no results.json (expected {path})")
+    path = resolve(str(run_folder), out)
     result = read_results(path)  # a FIFO, a folder, bad UTF-8 or JSON, wrong types: one line, exit 2
     summary = [row.model_dump() for row in result.summary]
     console.print(_table(summary, title=f"{path.parent.name}"))
     for stage, seconds in result.stage_seconds.items():
         console.print(f"{stage:>10}: {seconds:7.1f}s", highlight=False)
+    if html is not None:
+        from tasks.html_report import write_report_for
+
+        console.print(f"report page: {write_report_for(path, html)}", highlight=False)
 
 
 @app.command()
@@ -247,6 +254,10 @@ from belladonna.interop_cli import export_poisons, import_poisons  # noqa: E402 
 
 app.command("import")(import_poisons)
 app.command("export")(export_poisons)
+
+from belladonna.compare_cli import compare  # noqa: E402
+
+app.command("compare")(compare)
 
 
 @app.command()

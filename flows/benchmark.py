@@ -12,7 +12,6 @@ Every stage output is keyed by what determines it, so a rerun reuses whatever is
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -52,11 +51,14 @@ def _checked(config: str | BenchmarkConfig, store: str | None,
 
 @flow(name="benchmark")
 def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
-              tracking_uri: str | None = None, recompute: list[str] | None = None) -> dict[str, Any]:
+              tracking_uri: str | None = None, recompute: list[str] | None = None,
+              compare_to: str | None = None, fail_on_regression: bool | None = None) -> dict[str, Any]:
     """Run every cell of the benchmark `config` (a YAML path, YAML text, or a preset's name such as
     ``nightly``); writes ``run_dir/<name>/results.json`` (what `belladonna report` reads) at the end.
     `run_dir` defaults to ``$BELLADONNA_RUN_DIR`` (else ``./runs``), so a deployment's worker picks it.
-    `recompute` names stages, attacks or defenses (or 'all') to recompute although they are stored."""
+    `recompute` names stages, attacks or defenses (or 'all') to recompute although they are stored.
+    `compare_to` ('previous') and `fail_on_regression` override the config's ``compare`` section: the
+    regression gate (tasks.regression_gate, docs/compare.md)."""
     started = time.time()
     run_dir = run_dir or Settings.from_env().run_dir
     cfg, root = _checked(config, store, run_dir)
@@ -93,26 +95,27 @@ def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
               "stage_seconds": clock.seconds,
               "compute_seconds": {k: round(v, 3) for k, v in compute.items()},
               "poisons": {f"{a}/seed{s}": p.key for (a, s), p in poisons.items()},
-              "nodes": sorted({o.node for o in [*models.values(), *cells.values()] if o.node})}
-    return _write_results(result, cfg, root, run_dir, started)
+              "nodes": sorted({o.node for o in [*models.values(), *cells.values()] if o.node}),
+              "provenance": {"config": cfg.model_dump(mode="json"), "dataset_key": dataset.key,
+                             "dataset_fingerprint": recorded.get("dataset_checksum") or dataset.key}}
+    return _write_results(result, cfg, root, run_dir, started, compare_to, fail_on_regression)
 
 
-def _write_results(result: dict[str, Any], cfg: BenchmarkConfig, root: str, run_dir: str,
-                   started: float) -> dict[str, Any]:
-    """Complete the run's record (wall seconds, code version, MLflow parent run, Prefect flow run) and
-    write it atomically to ``run_dir/<name>/results.json``, for a CLI run and a deployment run alike."""
+def _write_results(result: dict[str, Any], cfg: BenchmarkConfig, root: str, run_dir: str, started: float,
+                   compare_to: str | None = None, fail_on_regression: bool | None = None) -> dict[str, Any]:
+    """Complete the run's record (wall seconds, code version, MLflow parent run, Prefect flow run), run
+    the regression gate when asked, and write it atomically to ``run_dir/<name>/<run id>/results.json``
+    (and its copy ``run_dir/<name>/results.json``), for a CLI run and a deployment run alike."""
     from prefect.runtime import deployment, flow_run
 
-    from poison_core.io import atomic_write_bytes
     from tasks.report import _git_commit
 
     result.update(seconds=round(time.time() - started, 3), code_version=_git_commit(), store=root,
                   prefect={"flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
                            "deployment": deployment.name})
-    path = Path(run_dir) / cfg.name / "results.json"
-    atomic_write_bytes(str(path), json.dumps(result, indent=2, default=list).encode())
-    log.info("results: %s", path.resolve())
-    return result
+    from tasks.regression_gate import record_run
+
+    return record_run(result, cfg, Path(run_dir) / cfg.name, started, compare_to, fail_on_regression)
 
 
 def _seconds(outputs: dict[Any, StageOutput]) -> float:

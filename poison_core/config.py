@@ -15,6 +15,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
                       field_validator, model_serializer, model_validator)
 
+from poison_core.compare_config import CompareConfig
 from poison_core.config_errors import format_validation_error
 from poison_core.errors import ConfigError, InputError
 from poison_core.paths import read_text
@@ -291,6 +292,7 @@ class BenchmarkConfig(StrictModel):
                                                 min_length=1, max_length=256)
     seeds: tuple[int, ...] = Field((0,), min_length=1, max_length=1000)
     execution: ExecutionConfig = ExecutionConfig()
+    compare: CompareConfig = CompareConfig()
 
     @field_validator("seeds")
     @classmethod

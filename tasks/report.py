@@ -104,7 +104,7 @@ def summarize(store: str, cfg: BenchmarkConfig, prefix: str, rows: list[dict[str
         parent = log_benchmark(tracker, record)
     create_markdown_artifact(markdown=f"{markdown}\n\n{_mlflow_link(tracker, parent)}", key=_artifact_key(cfg.name),
                              description="Belladonna benchmark summary (mean over seeds)")
-    return {"summary": summary, "mlflow": {"tracking_uri": tracker.tracking_uri,
+    return {"summary": summary, "dataset_checksum": dataset.checksum, "mlflow": {"tracking_uri": tracker.tracking_uri,
                                            "experiment_id": tracker.experiment_id, "run_id": parent}}
 
 
@@ -186,7 +186,8 @@ def _poison_grids(cfg: BenchmarkConfig, train, poison_sets: dict, folder: Path) 
             continue
         fig = figures.poison_grid(train.images[train.positions(ps.ids)], ps.images, n=count,
                                   orig_labels=ps.orig_labels[:count], poison_labels=ps.poison_labels[:count],
-                                  title=f"{attack} (seed {seed})", class_names=train.class_names)
+                                  title=f"{attack} (seed {seed}): {count} of {len(ps)} poisons",
+                                  class_names=train.class_names)
         path = folder / f"{attack}-seed{seed}" / "poisons.png"
         path.parent.mkdir(parents=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -23,7 +23,7 @@ attacks:
   - name: badnets
   - name: label_flip
     params: {mode: pair, source_class: 1, target_class: 7}
-seeds: [3]
+seeds: [3, 4]
 """
 
 
@@ -54,6 +54,9 @@ def test_run_writes_results_and_audited_poison_sets(tmp_path):
     assert report.returncode == 0 and "label_flip" in report.stdout
     missing = belladonna("report", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "has no results.json" in missing.stderr
+    from tests.compare_checks import run_again
+
+    run_again(belladonna, TINY, tmp_path / "out", "tiny", tmp_path)  # history, compare, gate, report page
 
 
 @pytest.mark.parametrize("yaml_text, message", [
