@@ -182,8 +182,8 @@ def compare_results(base: dict[str, Any], new: dict[str, Any], thresholds: Thres
             else:
                 entry.update(tested)
             entries.append(entry)
-    tested = [e for e in entries if e.get("p") is not None]
-    for entry, adjusted in zip(tested, holm([e["p"] for e in tested])):
+    family = [e for e in entries if e.get("p") is not None]
+    for entry, adjusted in zip(family, holm([e["p"] for e in family])):
         entry["p_holm"] = adjusted
     for entry in entries:
         if entry.get("verdict"):
@@ -197,7 +197,7 @@ def compare_results(base: dict[str, Any], new: dict[str, Any], thresholds: Thres
             entry["verdict"] = "no significant change"
     counts = {v: sum(e["verdict"] == v for e in entries) for v in VERDICTS}
     return {"base": _identity(base), "new": _identity(new), "run": run_reasons, "notes": notes,
-            "alpha": thresholds.alpha, "confidence": confidence, "family_size": len(tested),
+            "alpha": thresholds.alpha, "confidence": confidence, "family_size": len(family),
             "thresholds": {"min_abs": thresholds.min_abs, "min_rel": thresholds.min_rel,
                            "per_metric": {k: list(v) for k, v in thresholds.per_metric.items()}},
             "counts": counts, "regression": counts["worse"] > 0, "entries": entries}

@@ -26,7 +26,7 @@ def _change(entry: dict[str, Any]) -> str:
     return f"{entry['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 
-def table_rows(comparison: dict[str, Any], changes_only: bool = False) -> list[tuple[str, ...]]:
+def table_rows(comparison: dict[str, Any], changes_only: bool = False) -> list[tuple[Any, ...]]:
     """One tuple of display cells per entry, the worse first; `changes_only` drops the unchanged."""
     entries = sorted(comparison["entries"], key=lambda e: (ORDER[e["verdict"]], e["attack"], e["defense"],
                                                             e["metric"]))

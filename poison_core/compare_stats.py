@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 from statistics import NormalDist
 
@@ -80,7 +82,7 @@ def t_ppf2(confidence: float, df: float) -> float:
     return (low + high) / 2
 
 
-def welch(base: np.ndarray, new: np.ndarray, confidence: float = 0.95) -> dict[str, float] | None:
+def welch(base: np.ndarray, new: np.ndarray, confidence: float = 0.95) -> dict[str, Any] | None:
     """Welch's test of mean(new) - mean(base) over seeds: the difference, its interval, t, df and the
     two-sided p-value; None when either side has fewer than two values (no spread to test against).
     Two constant samples give p = 1 for equal means and p = 0 otherwise (a zero-variance difference)."""
@@ -101,7 +103,7 @@ def welch(base: np.ndarray, new: np.ndarray, confidence: float = 0.95) -> dict[s
 
 
 def two_proportions(base_hits: int, base_n: int, new_hits: int, new_n: int,
-                    confidence: float = 0.95) -> dict[str, float] | None:
+                    confidence: float = 0.95) -> dict[str, Any] | None:
     """The difference of two pooled rates (new - base) with Newcombe's hybrid score interval and the
     two-sided p-value of the pooled score (z) test; None when either side has no trials."""
     if base_n <= 0 or new_n <= 0:

@@ -10,6 +10,8 @@ every image loaded, no errors and every cell of the table.
 
 from __future__ import annotations
 
+import logging
+
 import json
 import sqlite3
 from pathlib import Path
@@ -60,8 +62,8 @@ def run_again(belladonna: Callable, config_text: str, out: Path, name: str, tmp:
     # closely; the verdict follows the Holm-adjusted p either way
     assert entry["verdict"] == (("worse" if expected > 0 else "better") if entry["p_holm"] < 0.05
                                 else "no significant change"), entry
-    print(f"moved cell on the real run: diff {entry['diff']:+.3f} CI {entry['diff_ci']}, p {entry['p']:.3g}, "
-          f"Holm {entry['p_holm']:.3g}: {entry['verdict']}")
+    logging.getLogger(__name__).info("moved cell on the real run: diff %+.3f CI %s, p %.3g, Holm %.3g: %s",
+                                     entry["diff"], entry["diff_ci"], entry["p"], entry["p_holm"], entry["verdict"])
 
     other = dict(second, provenance=dict(second["provenance"]))
     other["provenance"]["config"] = dict(other["provenance"]["config"], seeds=[5])
@@ -74,7 +76,7 @@ def run_again(belladonna: Callable, config_text: str, out: Path, name: str, tmp:
     assert report.returncode == 0 and page.is_file(), report.stderr
     assert page.stat().st_size < 2 * 2**20  # thumbnails: bounded
     opened = open_page(page, tmp, screenshot=tmp / "report-page.png")
-    print(f"report page screenshot: {tmp / 'report-page.png'}")
+    logging.getLogger(__name__).info("report page screenshot: %s", tmp / "report-page.png")
     assert opened["images"] >= 3 and opened["broken"] == [] and opened["errors"] == [], opened
     assert not [c for c in opened["console"] if "error" in c.lower()], opened["console"]
     dom = opened["dom"]
