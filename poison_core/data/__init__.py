@@ -13,7 +13,8 @@ nothing here imports poison_core.config at import time (config imports this pack
 
 from poison_core.registry import Registry
 
-DATASETS: Registry = Registry("dataset")
+DATASETS: Registry = Registry("dataset", group="belladonna.datasets")
+DATASETS.check = lambda obj: None if callable(obj) else f"{obj!r} is not a loader (a callable cfg -> DatasetSplits)"
 
 from poison_core.data.dataset import DatasetSplits, ImageDataset  # noqa: E402
 from poison_core.data.parquet import read_split, write_split  # noqa: E402

@@ -53,7 +53,8 @@ class Classifier(nn.Module):
         return self.head.in_features
 
 
-MODELS: Registry[ModelBuilder] = Registry("model")
+MODELS: Registry[ModelBuilder] = Registry("model", group="belladonna.models")
+MODELS.check = lambda obj: None if callable(obj) else f"{obj!r} is not a model builder or constructor"
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
@@ -78,6 +79,9 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes
         return builder(channels, num_classes, (height, width_px), cfg.width)
 
 
-from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: F401  (registers members)
+from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: F401,E402  (registers members)
+from poison_core.models.adapter import as_builder  # noqa: E402
+
+MODELS.adapt = as_builder
 
 __all__ = ["MODELS", "Classifier", "ModelBuilder", "build_model"]
