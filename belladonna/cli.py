@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from belladonna.standing import app as standing_app
+from belladonna.check_cli import check_member_command
 from belladonna.store_cli import app as store_app
 from poison_core.errors import AuditError, InputError
 
@@ -154,10 +155,12 @@ def _listing(kind: str) -> None:
 
     registry = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS}[kind]
     table = Table(title=kind)
-    for col in ("name", "paper", "summary"):
+    for col in ("name", "origin", "paper", "summary"):
         table.add_column(col)
     for entry in registry.entries():
-        table.add_row(entry.name, entry.paper, entry.summary)
+        table.add_row(entry.name, entry.origin, entry.paper, entry.summary)
+    for name, why in registry.broken().items():
+        table.add_row(name, "BROKEN", "", why)
     console.print(table)
 
 
@@ -165,6 +168,7 @@ stage_app = typer.Typer(help="Run one stage (and what it needs) as its own Prefe
 app.add_typer(stage_app, name="stage")
 app.add_typer(standing_app, name="services")
 app.add_typer(store_app, name="store")
+app.command("check")(check_member_command)
 
 
 def _stage(name: str, config: Path, store: Optional[str]) -> None:

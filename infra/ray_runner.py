@@ -43,11 +43,16 @@ def ensure_ray(resources: ExecutionConfig) -> None:
     address = resources.ray_address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False,
                               "logging_level": logging.WARNING}
+    user_env = resources.runtime_env.as_ray()
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1")
+        if user_env:
+            kwargs["runtime_env"] = user_env
     else:
         kwargs.pop("include_dashboard")
-        kwargs["runtime_env"] = job_runtime_env()
+        forwarded = job_runtime_env()
+        env_vars = {**forwarded.get("env_vars", {}), **user_env.get("env_vars", {})}
+        kwargs["runtime_env"] = {**user_env, **({"env_vars": env_vars} if env_vars else {})}
     settings = Settings.from_env()
     if address is not None:
         _probe(address, settings.ray_connect_timeout)

@@ -43,7 +43,9 @@ REGISTRY_PACKAGES = ("poison_core.attacks", "poison_core.defenses")
 
 
 def member_module(obj: object) -> str:
-    """The name of the module that defines `obj` (a registered class or function)."""
+    """The name of the module that defines `obj` (a registered class or function; an adapted object is
+    followed to what it wraps, ``__wrapped__``)."""
+    obj = inspect.unwrap(obj) if callable(obj) else obj
     module = inspect.getmodule(obj)
     if module is None:
         raise ValueError(f"{obj!r} has no module; cannot fingerprint its source")

@@ -74,10 +74,14 @@ ModelName = Annotated[str, AfterValidator(_registered_model)]
 
 
 class ModelConfig(StrictModel):
-    """An architecture from the model registry; `width` scales channels where the model has them."""
+    """An architecture from the model registry (a built-in or plug-in name, or an import string such as
+    ``torchvision.models:resnet18``); `width` scales channels where the model has them; `weights` is a
+    safetensors file (path or URI) the model starts from instead of a random initialisation
+    (`poison_core.models.weights`)."""
 
     name: ModelName = "convnet"
     width: int | None = Field(None, ge=1, le=1024)
+    weights: str | None = Field(None, min_length=1, max_length=4096)
 
 
 class TrainConfig(StrictModel):
@@ -147,9 +151,9 @@ class VictimConfig(StrictModel):
 
     @model_validator(mode="after")
     def _protocol_has_what_it_needs(self) -> "VictimConfig":
-        if self.protocol in ("transfer", "finetune") and self.pretrain is None:
+        if self.protocol in ("transfer", "finetune") and self.pretrain is None and self.model.weights is None:
             raise ValueError(f"protocol {self.protocol!r} needs pretrain, a source dataset "
-                             "(e.g. pretrain: {dataset: {name: digits}})")
+                             "(e.g. pretrain: {dataset: {name: digits}}), or model.weights, a trained model")
         return self
 
     @model_serializer(mode="wrap")
@@ -163,8 +167,9 @@ class VictimConfig(StrictModel):
         return data
 
     def supervised(self) -> "VictimConfig":
-        """This architecture and recipe under the plain supervised protocol (what a surrogate uses)."""
-        return VictimConfig(model=self.model, train=self.train)
+        """This architecture and recipe under the plain supervised protocol, from a random initialisation
+        (what a surrogate uses unless `surrogate` is given: the attacker does not hold the victim's weights)."""
+        return VictimConfig(model=self.model.model_copy(update={"weights": None}), train=self.train)
 
 
 class TargetSelection(StrictModel):
@@ -263,11 +268,30 @@ class DefenseConfig(_Named):
         return DEFENSES
 
 
+class RuntimeEnvConfig(StrictModel):
+    """The part of a Ray ``runtime_env`` every job of a run gets (Ray's runtime environments docs): code that
+    the cluster's image does not have, e.g. a plug-in: ``py_modules`` (local package folders or wheels,
+    uploaded by Ray), ``pip`` (requirements installed per job), ``working_dir`` (a folder uploaded and made
+    the jobs' working directory), ``env_vars`` (added to those the driver forwards)."""
+
+    py_modules: tuple[str, ...] = Field((), max_length=64)
+    pip: tuple[str, ...] = Field((), max_length=256)
+    working_dir: str | None = None
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    def as_ray(self) -> dict[str, Any]:
+        """The ``runtime_env`` mapping Ray takes (empty fields left out)."""
+        out: dict[str, Any] = {"py_modules": list(self.py_modules), "pip": list(self.pip),
+                               "working_dir": self.working_dir, "env_vars": dict(self.env_vars)}
+        return {k: v for k, v in out.items() if v}
+
+
 class ExecutionConfig(StrictModel):
     """Where and with what each job runs: Ray address (None: RAY_ADDRESS, else a local instance),
     CPUs and GPUs per job, retries of a failed job, Ray's scheduling strategy (SPREAD puts jobs on
-    every node rather than packing the first), the torch device inside a job, and how often (in
-    steps or rounds) long attacks checkpoint their crafting state to the store."""
+    every node rather than packing the first), the torch device inside a job, how often (in
+    steps or rounds) long attacks checkpoint their crafting state to the store, and the Ray
+    `runtime_env` every job gets (plug-ins the cluster's image does not have)."""
 
     ray_address: str | None = None
     num_cpus: float = Field(1.0, gt=0, le=256)
@@ -276,6 +300,7 @@ class ExecutionConfig(StrictModel):
     checkpoint_every: int = Field(10, ge=1, le=100_000)
     scheduling: Literal["SPREAD", "DEFAULT"] = "SPREAD"
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    runtime_env: RuntimeEnvConfig = RuntimeEnvConfig()
 
 
 class BenchmarkConfig(StrictModel):

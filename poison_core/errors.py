@@ -22,6 +22,11 @@ class UnknownNameError(InputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PluginError(InputError):
+    """A plug-in member (entry point or import string) that cannot be used: it fails to import, is not
+    what its registry holds, registers a name twice or shadows a built-in."""
+
+
 class DatasetError(InputError):
     """A dataset file is missing, truncated, corrupt or of the wrong shape."""
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from poison_core import metrics
 from poison_core.data.dataset import ImageDataset
-from poison_core.defenses.base import Classifier, EnsembleClassifier
+from poison_core.defenses.base import EnsembleClassifier, Predictor
 from poison_core.poisons import PoisonSet
 from poison_core.triggers import apply_trigger
 
@@ -28,7 +28,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def evaluate(classifier: Classifier, test: ImageDataset, poison_set: PoisonSet | None = None) -> dict[str, float]:
+def evaluate(classifier: Predictor, test: ImageDataset, poison_set: PoisonSet | None = None) -> dict[str, float]:
     """Metrics of `classifier` on `test`, and against the goal of `poison_set` when given."""
     pred = classifier.predict_logits(test.images).argmax(axis=1)
     out = {"clean_acc": metrics.accuracy(pred, test.labels)}

@@ -20,9 +20,10 @@ from torch import nn
 from poison_core.attacks import ATTACKS, CraftContext, make_attack
 from poison_core.config import AttackConfig, BenchmarkConfig, DefenseConfig
 from poison_core.data import DatasetSplits, ImageDataset, load_dataset
-from poison_core.defenses import Classifier, DefenseContext, DefenseResult, make_defense
+from poison_core.defenses import DefenseContext, DefenseResult, Predictor, make_defense
 from poison_core.evaluation import evaluate, summarize
 from poison_core.models import build_model
+from poison_core.models.weights import load_weights
 from poison_core.models.io import state_checksum
 from poison_core.poisons import PoisonSet, apply, poison_mask
 from poison_core.protocols import check_goal, relabelled
@@ -49,7 +50,10 @@ def train_surrogate(cfg: BenchmarkConfig, train: ImageDataset, seed: int, index:
                     device: torch.device) -> nn.Module:
     """Surrogate `index` of `seed`: the attacker's model, trained on clean data, in eval mode."""
     recipe, surrogate_seed = cfg.surrogate_or_victim(), derive_seed(seed, "surrogate", index)
-    model = build_model(recipe.model, train.image_shape, train.num_classes, seed=surrogate_seed).to(device)
+    model = build_model(recipe.model, train.image_shape, train.num_classes, seed=surrogate_seed)
+    if recipe.model.weights is not None:
+        load_weights(model, recipe.model.weights, field="surrogate.model.weights")
+    model = model.to(device)
     train_model(model, train, recipe.train, device=device, seed=surrogate_seed)
     return model.eval()
 
@@ -137,7 +141,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, device: torch.device | None = None,
     return result
 
 
-def cell_row(attack: str, defense: str, seed: int, poisoned: Classifier, clean: Classifier, test: ImageDataset,
+def cell_row(attack: str, defense: str, seed: int, poisoned: Predictor, clean: Predictor, test: ImageDataset,
              poison_set: PoisonSet, defense_info: dict[str, float] | None = None) -> dict[str, Any]:
     """One cell's metrics next to the no-poison baseline (`baseline_*`) and the accuracy drop."""
     got = evaluate(poisoned, test, poison_set)

@@ -39,6 +39,7 @@ from poison_core.config import VictimConfig
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.models import Classifier, build_model
+from poison_core.models.weights import load_weights
 from poison_core.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ def build_victim(victim: VictimConfig, data: ImageDataset, seed: int, device: to
     `seed`; the body random, pretrained on the source dataset, or SimCLR-pretrained on `data`)."""
     device = torch.device(device)
     model = build_model(victim.model, data.image_shape, data.num_classes, seed=seed)
-    if victim.protocol in PRETRAINED:
+    if victim.model.weights is not None:
+        load_weights(model, victim.model.weights)
+    elif victim.protocol in PRETRAINED:
         _load_body(model, source_state(victim, data.image_shape))
     elif victim.protocol == "simclr-linear":
         _load_body(model, ssl_state(victim, data, seed, device))

@@ -23,6 +23,7 @@ which stays the same when the key changes: that is what a rerun compares against
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -31,8 +32,10 @@ from infra.storage import content_hash
 from poison_core.attacks import ATTACKS
 from poison_core.code_fingerprint import code_fingerprint, member_module
 from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig
-from poison_core.data.fingerprint import dataset_fingerprint
+from poison_core.data import DATASETS
+from poison_core.data.fingerprint import dataset_fingerprint, file_digest
 from poison_core.defenses import DEFENSES
+from poison_core.models import MODELS
 
 STAGE_RUNNER = "tasks.stages"
 """The module whose import closure is the shared code of every stage."""
@@ -70,6 +73,20 @@ def defense_code(name: str) -> str:
     return stage_code(member_module(DEFENSES.get(name)))
 
 
+def _module(registry: Any, name: str) -> str:
+    return member_module(registry.get(name))
+
+
+def file_part(member_key: str) -> str:
+    """A member's grid key as a store-key part (an import string's ':' and other characters become '_')."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", member_key)
+
+
+def _weights(model: Any) -> str | None:
+    """The content digest of a model's initial weights file (``model.weights``), None without one."""
+    return None if model.weights is None else ":".join(map(str, file_digest(model.weights)))
+
+
 def _dump(model: Any) -> Any:
     return model.model_dump(mode="json") if model is not None else None
 
@@ -77,8 +94,8 @@ def _dump(model: Any) -> Any:
 def dataset_stage(cfg: DatasetConfig, benchmark: str = "") -> StageKey:
     """The ingested splits: the dataset's content, how it is split and subsampled, the loading code."""
     split = cfg.model_dump(mode="json", exclude={"path", "download"})
-    return _stage_key(f"datasets/{cfg.name}", f"{benchmark}/ingest/{cfg.name}", "",
-                      {"sources": dataset_fingerprint(cfg)}, split, stage_code())
+    return _stage_key(f"datasets/{file_part(cfg.name)}", f"{benchmark}/ingest/{cfg.name}", "",
+                      {"sources": dataset_fingerprint(cfg)}, split, stage_code(_module(DATASETS, cfg.name)))
 
 
 def dataset_prefix(cfg: DatasetConfig) -> str:
@@ -87,9 +104,11 @@ def dataset_prefix(cfg: DatasetConfig) -> str:
 
 def surrogate_stage(cfg: BenchmarkConfig, prefix: str, seed: int, index: int) -> StageKey:
     """Surrogate `index` of `seed`: the attacker's recipe trained on the clean split."""
-    params = {"surrogate": _dump(cfg.surrogate_or_victim()), "seed": seed, "index": index}
+    recipe = cfg.surrogate_or_victim()
+    params = {"surrogate": _dump(recipe), "seed": seed, "index": index}
+    inputs = {"dataset": prefix, "weights": _weights(recipe.model)}
     return _stage_key("models/surrogate", f"{cfg.name}/pretrain/seed{seed}/{index}", ".safetensors",
-                      {"dataset": prefix}, params, stage_code(), (prefix,))
+                      inputs, params, stage_code(_module(MODELS, recipe.model.name)), (prefix,))
 
 
 def surrogate_key(cfg: BenchmarkConfig, prefix: str, seed: int, index: int) -> str:
@@ -108,7 +127,7 @@ def poison_stage(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: 
         inputs["files"] = cls(parsed).input_fingerprint()
     params = {"attack": attack.name, "params": parsed.model_dump(mode="json"), "seed": seed,
               "threat": _dump(cfg.threat_for(attack))}
-    return _stage_key(f"poisons/{attack.key}", f"{cfg.name}/craft/{attack.key}/seed{seed}", ".parquet",
+    return _stage_key(f"poisons/{file_part(attack.key)}", f"{cfg.name}/craft/{attack.key}/seed{seed}", ".parquet",
                       inputs, params, attack_code(attack.name), (prefix, *surrogates))
 
 
@@ -124,14 +143,16 @@ def _attack_of(poisons: str | None) -> str:
 def model_stage(cfg: BenchmarkConfig, prefix: str, defense: DefenseConfig, seed: int,
                 poisons: str | None) -> StageKey:
     """The victim under `defense` on the clean (poisons None) or poisoned training set."""
-    inputs: dict[str, Any] = {"dataset": prefix, "poisons": poisons}
+    inputs: dict[str, Any] = {"dataset": prefix, "poisons": poisons, "weights": _weights(cfg.victim.model)}
     if cfg.victim.pretrain is not None:
         inputs["pretrain"] = dataset_fingerprint(cfg.victim.pretrain.dataset)
     params = {"victim": _dump(cfg.victim), "defense": defense.name,
               "params": defense.parsed_params().model_dump(mode="json"), "seed": seed}
     upstream = (prefix,) if poisons is None else (prefix, poisons)
-    return _stage_key(f"models/{defense.key}", f"{cfg.name}/retrain/{defense.key}/{_attack_of(poisons)}/seed{seed}",
-                      ".safetensors", inputs, params, defense_code(defense.name), upstream)
+    code = stage_code(_module(DEFENSES, defense.name), _module(MODELS, cfg.victim.model.name))
+    return _stage_key(f"models/{file_part(defense.key)}",
+                      f"{cfg.name}/retrain/{defense.key}/{_attack_of(poisons)}/seed{seed}", ".safetensors",
+                      inputs, params, code, upstream)
 
 
 def model_key(cfg: BenchmarkConfig, prefix: str, defense: DefenseConfig, seed: int, poisons: str | None) -> str:

@@ -27,7 +27,7 @@ from poison_core.attacks import make_attack
 from poison_core.checkpoint import Checkpointer
 from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, DefenseConfig, ThreatModel
 from poison_core.data import DatasetSplits, ImageDataset, load_dataset, write_split
-from poison_core.defenses import Classifier, make_defense
+from poison_core.defenses import Predictor, make_defense
 from poison_core.defenses.persist import load_classifier, save_classifier
 from poison_core.experiment import cell_row, craft_context, defense_context, train_surrogate
 from poison_core.models import build_model
@@ -271,7 +271,7 @@ def retrain(store: Store | str, cfg: BenchmarkConfig, prefix: str, defense: Defe
 
 
 def _load_classifier(store: Store, cfg: BenchmarkConfig, key: str, splits: DatasetSplits,
-                     device: str) -> tuple[Classifier, dict[str, Any]]:
+                     device: str) -> tuple[Predictor, dict[str, Any]]:
     return load_classifier(store.uri(key), cfg.victim, splits.train.image_shape, splits.train.num_classes,
                            torch.device(device), store.storage_options)
 

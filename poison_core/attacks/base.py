@@ -112,6 +112,11 @@ class Attack(ABC):
     label_policy: ClassVar[Literal["clean", "dirty", "any"]] = "any"
     needs_surrogate: ClassVar[bool] = False
     perturbation_only: ClassVar[bool] = False
+    smoke: ClassVar[dict[str, Any] | None] = {}
+    """Parameters for a craft of a second or so on 200 digits (`poison_core.contract`); None when the attack
+    cannot craft without inputs of its own (files to import)."""
+    smoke_threat: ClassVar[dict[str, Any]] = {}
+    """Threat-model fields the contract check's craft needs (default epsilon 16, budget 0.1)."""
     """Whether each poison differs from its clean image only by a pixel change within threat.epsilon (plus a
     new label where the attack changes labels): under epsilon 0 and clean labels such an attack changes
     nothing, and check_threat refuses it rather than run a benchmark of unchanged data."""
@@ -168,7 +173,9 @@ class Attack(ABC):
         """Choose at most `n_poison` training samples and return their poisoned pixels and labels."""
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack", group="belladonna.attacks")
+ATTACKS.check = lambda obj: None if isinstance(obj, type) and issubclass(obj, Attack) else (
+    f"{obj!r} is not an Attack subclass (poison_core.plugin.Attack)")
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:

@@ -57,6 +57,7 @@ class Bilevel(Attack):
     paper = "Mei & Zhu, Using Machine Teaching to Identify Optimal Training-Set Attacks, AAAI 2015 (Eq. 2-3, 8-9)"
     summary = "availability: poisons ascend a convex learner's validation loss through its KKT conditions"
     Params = BilevelParams
+    smoke = {"steps": 2, "n_val": 40, "max_fit": 120}
     label_policy = "any"
     perturbation_only = True
 

@@ -102,6 +102,7 @@ class BullseyePolytope(Attack):
              "Transferability, IEEE EuroS&P 2021")
     summary = "clean-label targeted: poisons whose mean feature sits on the target's (convex polytope, c = 1/k)"
     Params = BullseyeParams
+    smoke = {"steps": 4}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

@@ -116,6 +116,7 @@ class UnlearnableClusters(Attack):
     paper = "Zhang et al., Unlearnable Clusters, CVPR 2023 (Eq. 5)"
     summary = "label-agnostic availability: one generated noise per k-means cluster of SimCLR features"
     Params = ClustersParams
+    smoke = {"epochs": 1, "generator_width": 4, "encoder": {"width": 4, "epochs": 1, "batch_size": 64}}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = False

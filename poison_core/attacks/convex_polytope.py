@@ -148,6 +148,7 @@ class ConvexPolytope(Attack):
     paper = "Zhu et al., Transferable Clean-Label Poisoning Attacks on Deep Neural Nets, ICML 2019"
     summary = "clean-label targeted: poisons whose features enclose the target's in a convex polytope"
     Params = ConvexPolytopeParams
+    smoke = {"steps": 3, "coef_iters": 20}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

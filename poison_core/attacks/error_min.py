@@ -266,6 +266,7 @@ class ErrorMinimizing(Attack):
     paper = "Huang et al., Unlearnable Examples, ICLR 2021 (Eq. 2)"
     summary = "clean-label availability: min-min noise that makes samples 'already learnt'"
     Params = ErrorMinParams
+    smoke = {"width": 4, "max_rounds": 2, "steps": 2, "train_steps": 2, "batch_size": 64}
     label_policy = "clean"
     perturbation_only = True
 

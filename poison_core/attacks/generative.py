@@ -121,6 +121,7 @@ class Generative(Attack):
     paper = "Yang, Wu, Li & Chen, Generative Poisoning Attack Method Against Neural Networks, arXiv:1703.01340 (Sec. 3)"
     summary = "clean-label availability: an auto-encoder generates error-maximising poisons in one forward pass"
     Params = GenerativeParams
+    smoke = {"epochs": 4, "width": 4, "lr": 0.01}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

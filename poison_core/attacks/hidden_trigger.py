@@ -120,6 +120,7 @@ class HiddenTrigger(Attack):
     paper = "Saha, Subramanya & Pirsiavash, Hidden Trigger Backdoor Attacks, AAAI 2020"
     summary = "clean-label backdoor: target images perturbed to collide with patched sources in feature space"
     Params = HiddenTriggerParams
+    smoke = {"steps": 4, "patch_size": 3, "lr": 0.05}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

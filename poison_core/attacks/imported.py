@@ -35,6 +35,7 @@ class Imported(Attack):
     paper = "Schwarzschild et al., ICML 2021 (benchmark format); Geiping et al., ICLR 2021 (forest)"
     summary = "another tool's poisons (benchmark pickles, forest exports, npy/npz), audited as a PoisonSet"
     Params = ImportedParams
+    smoke = None  # needs the files of another tool: tests/test_interop.py checks its crafts
     label_policy = "any"
 
     def input_fingerprint(self) -> str:

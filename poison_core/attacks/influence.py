@@ -69,6 +69,7 @@ class Influence(Attack):
     paper = "Koh & Liang, ICML 2017 (Eq. 2, Sec. 5.2); Koh, Steinhardt & Liang, Machine Learning 2022"
     summary = "availability: perturb the most influential training points along the influence gradient"
     Params = InfluenceParams
+    smoke = {"steps": 2, "refit_every": 1, "n_val": 40, "max_fit": 120}
     label_policy = "any"
     perturbation_only = True
 

@@ -139,6 +139,7 @@ class MetaPoison(Attack):
     paper = "Huang et al., MetaPoison: Practical General-purpose Clean-label Data Poisoning, NeurIPS 2020"
     summary = "clean-label targeted: meta-gradients through K unrolled SGD steps of a staggered model ensemble"
     Params = MetaPoisonParams
+    smoke = {"steps": 2, "n_models": 2, "stagger_epochs": 2, "batch_size": 16, "epoch_batches": 2}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

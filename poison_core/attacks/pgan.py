@@ -129,6 +129,8 @@ class PGAN(Attack):
     paper = "Muñoz-González et al., Poisoning Attacks with Generative Adversarial Nets, arXiv:1906.07773 (Eq. 1-3)"
     summary = "dirty-label: GAN-generated poisons of one class labelled as the other, alpha = detectability vs damage"
     Params = PGANParams
+    smoke = {"iterations": 5, "width": 8, "classes": (7, 1)}
+    smoke_threat = {"epsilon": 64, "budget": 0.03}
     label_policy = "dirty"
 
     def check_dataset(self, train: ImageDataset) -> None:

@@ -126,6 +126,7 @@ class PoisonFrogs(Attack):
     paper = "Shafahi et al., Poison Frogs! Targeted Clean-Label Poisoning Attacks on Neural Networks, NeurIPS 2018"
     summary = "clean-label targeted: collide the bases' features with the target's (transfer learning)"
     Params = PoisonFrogsParams
+    smoke = {"steps": 4, "lr": 0.05}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

@@ -174,6 +174,7 @@ class SleeperAgent(Attack):
              "Scratch, NeurIPS 2022")
     summary = "clean-label hidden-trigger backdoor: gradient matching to patched sources, retraining while crafting"
     Params = SleeperAgentParams
+    smoke = {"steps": 4, "retrain_every": 2, "retrain": {"epochs": 1, "batch_size": 64}}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

@@ -79,6 +79,7 @@ class SyntheticNoise(Attack):
     paper = "Yu et al., Availability Attacks Create Shortcuts, KDD 2022 (Sec. 5, synthetic noise)"
     summary = "clean-label availability: linearly separable class-wise synthetic noise, no surrogate"
     Params = SyntheticParams
+    smoke = {"patch": 2}
     label_policy = "clean"
     perturbation_only = True
 

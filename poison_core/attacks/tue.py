@@ -122,6 +122,7 @@ class TransferableUnlearnable(Attack):
     paper = "Ren et al., Transferable Unlearnable Examples, ICLR 2023 (Eq. 4-6)"
     summary = "clean-label availability: contrastive min-min noise made linearly separable by class"
     Params = TUEParams
+    smoke = {"width": 4, "epochs": 1, "train_steps": 2, "steps": 2, "batch_size": 64, "ssl_weight": 1.0}
     label_policy = "clean"
     perturbation_only = True
 

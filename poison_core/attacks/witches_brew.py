@@ -278,6 +278,7 @@ class WitchesBrew(Attack):
     paper = "Geiping et al., Witches' Brew: Industrial Scale Data Poisoning via Gradient Matching, ICLR 2021"
     summary = "clean-label targeted: match the poison training gradient to the target's adversarial gradient"
     Params = WitchesBrewParams
+    smoke = {"steps": 3, "restarts": 2}
     label_policy = "clean"
     perturbation_only = True
     needs_surrogate = True

@@ -34,7 +34,7 @@ class DefenseParams(BaseModel):
         return refuse_bools(cls, data)
 
 
-class Classifier(Protocol):
+class Predictor(Protocol):
     """Anything that maps uint8 NHWC images to (N, K) logits or scores."""
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray: ...
@@ -42,7 +42,7 @@ class Classifier(Protocol):
 
 @dataclass
 class ModelClassifier:
-    """A single trained torch model as a Classifier."""
+    """A single trained torch model as a Predictor."""
 
     model: nn.Module
     device: torch.device
@@ -102,7 +102,7 @@ class DefenseContext:
 
 @dataclass
 class DefenseResult:
-    classifier: Classifier
+    classifier: Predictor
     history: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, float] = field(default_factory=dict)
 
@@ -112,6 +112,8 @@ class Defense(ABC):
     paper: ClassVar[str]
     summary: ClassVar[str]
     Params: ClassVar[type[DefenseParams]] = DefenseParams
+    smoke: ClassVar[dict[str, Any]] = {}
+    """Parameters for a fit of a second or so on 120 digits (`poison_core.contract`)."""
 
     def __init__(self, params: DefenseParams | dict[str, Any] | None = None) -> None:
         # Typed Any: it is an instance of the member's own `Params` model, whose fields the member reads.
@@ -122,7 +124,9 @@ class Defense(ABC):
         """Train (and possibly filter) on ctx.train; return the defended classifier."""
 
 
-DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES: Registry[type[Defense]] = Registry("defense", group="belladonna.defenses")
+DEFENSES.check = lambda obj: None if isinstance(obj, type) and issubclass(obj, Defense) else (
+    f"{obj!r} is not a Defense subclass (poison_core.plugin.Defense or FilterDefense)")
 
 
 def register_defense(cls: type[Defense]) -> type[Defense]:

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from poison_core.config import VictimConfig
-from poison_core.defenses.base import Classifier, EnsembleClassifier, ModelClassifier
+from poison_core.defenses.base import EnsembleClassifier, Predictor, ModelClassifier
 from poison_core.protocols import victim_skeleton
 from poison_core.errors import InputError
 from poison_core.models.io import load_state, read_metadata, save_model, tensor_names
 from poison_core.io import read_bytes
 
 
-def save_classifier(classifier: Classifier, uri: str, info: dict[str, Any],
+def save_classifier(classifier: Predictor, uri: str, info: dict[str, Any],
                     storage_options: dict[str, Any] | None = None) -> None:
     """Write the classifier's weights with its kind, member count and the defense's info."""
     if isinstance(classifier, ModelClassifier):
@@ -60,7 +60,7 @@ def stored_members(data: bytes, meta: dict[str, str], uri: str) -> int:
 
 def load_classifier(uri: str, victim: VictimConfig, image_shape: tuple[int, int, int], num_classes: int,
                     device: torch.device, storage_options: dict[str, Any] | None = None
-                    ) -> tuple[Classifier, dict[str, Any]]:
+                    ) -> tuple[Predictor, dict[str, Any]]:
     """Rebuild what save_classifier wrote; returns (classifier, defense info)."""
     data = read_bytes(uri, storage_options)
     meta = read_metadata(data)
@@ -70,6 +70,6 @@ def load_classifier(uri: str, victim: VictimConfig, image_shape: tuple[int, int,
     load_state(module, uri, storage_options)
     for model in models:
         model.to(device).eval()
-    classifier: Classifier = (ModelClassifier(models[0], device) if module is models[0]
+    classifier: Predictor = (ModelClassifier(models[0], device) if module is models[0]
                               else EnsembleClassifier(models, device))
     return classifier, json.loads(meta.get("defense_info", "{}"))

@@ -7,5 +7,8 @@ and is imported below.
 
 from poison_core.models.base import MIN_IMAGE_SIZE, MODELS, Classifier, ModelBuilder, build_model
 from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: F401  (registers members)
+from poison_core.models.adapter import as_builder
+
+MODELS.adapt = as_builder  # any nn.Module constructor taking num_classes becomes a builder
 
 __all__ = ["MIN_IMAGE_SIZE", "MODELS", "Classifier", "ModelBuilder", "build_model"]

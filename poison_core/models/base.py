@@ -55,7 +55,8 @@ class Classifier(nn.Module):
         return self.head.in_features
 
 
-MODELS: Registry[ModelBuilder] = Registry("model")
+MODELS: Registry[ModelBuilder] = Registry("model", group="belladonna.models")
+MODELS.check = lambda obj: None if callable(obj) else f"{obj!r} is not a model builder or constructor"
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
