@@ -60,7 +60,7 @@ def _run(kind: str, name: str, check: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except ContractError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the member is a contract failure
+    except Exception as exc:  # any failure of the member is a contract failure
         raise ContractError(f"{kind} {name!r} fails '{check}': {type(exc).__name__}: "
                             f"{' '.join(str(exc).split())}") from exc
 
@@ -193,9 +193,10 @@ def _check_model(name: str, passed: list[str]) -> None:
     from poison_core.models.io import load_state, state_tensors
 
     MODELS.get(name)
-    for shape in ((8, 8, 1), (32, 32, 3)):
-        model = _run("model", name, f"builds for {shape}", lambda shape=shape: build_model(
-            ModelConfig(name=name), shape, 3, seed=0)).eval()
+    shapes: tuple[tuple[int, int, int], ...] = ((8, 8, 1), (32, 32, 3))
+    for shape in shapes:
+        model = _run("model", name, f"builds for {shape}",
+                     lambda: build_model(ModelConfig(name=name), shape, 3, seed=0)).eval()  # noqa: B023  (called at once)
         _require(isinstance(model, Classifier) and isinstance(getattr(model, "head", None), nn.Linear), "model", name,
                  "features/head", "the model must be a Classifier with an nn.Linear head (see poison_core.plugin)")
         x = torch.rand(4, shape[2], shape[0], shape[1])

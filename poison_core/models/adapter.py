@@ -11,6 +11,7 @@ expects 3 channels sees 1-channel images repeated over 3 channels. `width` does 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -69,10 +70,10 @@ def as_builder(obj: Any) -> Callable[..., nn.Module]:
     """A registry builder from `obj`: itself when it takes ``in_channels`` (the native signature), else a
     constructor called with ``num_classes`` whose module is adapted."""
     try:
-        params = inspect.signature(obj).parameters
+        native = "in_channels" in inspect.signature(obj).parameters
     except (TypeError, ValueError):
-        params = {}
-    if "in_channels" in params:
+        native = False
+    if native:
         return obj
 
     def builder(in_channels: int, num_classes: int, image_size: tuple[int, int], width: int | None) -> nn.Module:
@@ -82,5 +83,5 @@ def as_builder(obj: Any) -> Callable[..., nn.Module]:
                               "not an nn.Module")
         return module if isinstance(module, Classifier) else AdaptedClassifier(module, in_channels)
 
-    builder.__wrapped__ = obj  # type: ignore[attr-defined]  (the code fingerprint reads the real module)
-    return builder
+    # __wrapped__ only: the code fingerprint follows it to the real module (inspect.unwrap)
+    return functools.wraps(obj, assigned=(), updated=())(builder)
