@@ -80,12 +80,14 @@ def resolve(arg: str, out: Path = Path("runs")) -> Path:
     ``nightly/previous``). One InputError line when none of those exist."""
     path = Path(arg)
     for candidate in (path, out / path) if not path.is_absolute() else (path,):
-        if candidate.is_file() and not (candidate.name == LATEST and run_ids(candidate.parent)):
+        # anything there that is not a folder is the results file: its reader refuses a FIFO or a device
+        if candidate.exists() and not candidate.is_dir() and not (candidate.name == LATEST
+                                                                   and run_ids(candidate.parent)):
             return candidate
         if candidate.is_dir():
             if run_ids(candidate):
                 return select(candidate, LATEST)
-            if (candidate / RESULTS).is_file():
+            if (candidate / RESULTS).exists():
                 return candidate / RESULTS
         if candidate.parent.is_dir() and (run_ids(candidate.parent) or SELECTOR.match(candidate.name)):
             return select(candidate.parent, candidate.name)
