@@ -244,7 +244,8 @@ def _gate_events(client, name: str) -> list:
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
     page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["belladonna.regression"]),
-                                                 resource=EventResourceFilter(id=[f"belladonna.benchmark.{name}"])))
+                                                 resource=EventResourceFilter(id=[f"belladonna.benchmark.{name}"])),
+                              limit=50)  # the client's default (100) is over the server's maximum (50)
     return list(page.events)
 
 
@@ -307,7 +308,7 @@ def test_a_second_run_is_compared_with_the_first_and_its_regression_event_reache
 
             return client.read_events(filter=EventFilter(
                 event=EventNameFilter(name=["prefect.automation.action.executed"]),
-                resource=EventResourceFilter(id=[f"prefect.automation.{automation_id}"]))).events
+                resource=EventResourceFilter(id=[f"prefect.automation.{automation_id}"])), limit=50).events
 
         actions = _wait("the automation to act on the event", fired, timeout=120)
 
