@@ -42,7 +42,7 @@ def test_fail_on_regression_ends_the_run_failed_after_recording_it(prefect_serve
 
     state = benchmark(**args, compare_to="previous", fail_on_regression=True, return_state=True)
     assert state.is_failed(), f"{state.name}: {state.message}"
-    assert "RegressionError" in state.message or "1 worse" in state.message, state.message
+    assert "REGRESSION: 1 worse" in state.message and f"against run {first}" in state.message, state.message
     runs = run_ids(bench)
     assert len(runs) == 2 and (bench / "latest").read_text().strip() == runs[1]
     failed = json.loads((bench / runs[1] / "results.json").read_text())
