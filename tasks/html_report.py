@@ -30,11 +30,11 @@ GALLERY_PER_ATTACK, THUMB, MAX_HISTORY, AMPLIFY = 4, 64, 50, 4
 TABLE_COLUMNS = ("clean_acc", "baseline_clean_acc", "acc_drop", "asr", "baseline_asr", "pair_flip_rate",
                  "target_success", "adv_prob", "baseline_adv_prob")
 HEADLINE = ("clean_acc", "acc_drop", "asr", "pair_flip_rate", "target_success")
-CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:.25em .5em;font-size:.9em}th{background:#f3f3f3}td.num{text-align:right}
-.worse{background:#fdd}.better{background:#dfd}.nc{color:#888}figure{display:inline-block;margin:.3em;
-text-align:center;font-size:.75em}img{image-rendering:pixelated;border:1px solid #ccc}h2{margin-top:1.4em}
-svg{background:#fafafa;border:1px solid #ddd;margin:.3em}"""
+CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222222}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #cccccc;padding:.25em .5em;font-size:.9em}th{background:#f3f3f3}td.num{text-align:right}
+.worse{background:#ffdddd}.better{background:#ddffdd}.nc{color:#888888}figure{display:inline-block;margin:.3em;
+text-align:center;font-size:.75em}img{image-rendering:pixelated;border:1px solid #cccccc}h2{margin-top:1.4em}
+svg{background:#fafafa;border:1px solid #dddddd;margin:.3em}"""
 
 
 def _e(text: Any) -> str:
@@ -103,7 +103,7 @@ def _trend(runs: list[tuple[str, dict[str, Any]]]) -> str:
         charts.append(f"<svg width={w} height={h} role=img><title>{_e(metric)}</title>"
                       f"<text x={pad} y=14 font-size=12>{_e(SUMMARY_COLUMNS.get(metric, metric))} over "
                       f"{len(runs)} runs (0-1)</text><line x1={pad} y1={h - pad} x2={w - pad} y2={h - pad} "
-                      f"stroke='#999'/>{''.join(lines)}</svg>")
+                      f"stroke='#999999'/>{''.join(lines)}</svg>")
     ids = ", ".join(_e(r) for r, _ in runs)
     return "".join(charts) + f"<p class=nc>Runs, oldest first: {ids}</p>"
 

@@ -34,9 +34,11 @@ class RegressionError(RuntimeError):
 
 
 def previous_run(benchmark_dir: Path, store: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest completed run of this benchmark folder written against the same store, if any."""
+    """The newest completed run of this benchmark folder written against the same store, if any. A run
+    the gate failed (``fail_on_regression``) is kept in the history but is no base: comparing the next
+    run with it would accept the regression the night after it was caught."""
     for run_id, results in reversed(run_history.history(benchmark_dir, limit=1000)):
-        if results.get("store") == store:
+        if results.get("store") == store and not (results.get("regression_gate") or {}).get("failed"):
             return run_id, results
     return None
 
@@ -63,6 +65,8 @@ def record_run(result: dict[str, Any], cfg: BenchmarkConfig, benchmark_dir: Path
                                     alpha=settings.alpha)
             comparison = compare_results(found[1], result, thresholds)
             result["comparison"] = comparison
+        result["regression_gate"] = {"failed": bool(fail and comparison and comparison["regression"]),
+                                     "fail_on_regression": bool(fail)}
     path = run_history.write_run(result, benchmark_dir, run_id)
     log.info("results: %s", path.resolve())
     page = _html(path, cfg)
@@ -70,7 +74,7 @@ def record_run(result: dict[str, Any], cfg: BenchmarkConfig, benchmark_dir: Path
     if comparison is not None:
         _record_prefect(cfg.name, run_id, comparison)
         log.warning("regression gate: %s", headline(comparison))
-        if fail and comparison["regression"]:
+        if result["regression_gate"]["failed"]:
             raise RegressionError(f"{cfg.name} run {run_id}: {headline(comparison)} against run "
                                   f"{comparison['base'].get('run_id')} (see {path})")
     return result

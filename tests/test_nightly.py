@@ -134,7 +134,7 @@ def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
                       "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PREFECT_WORKER_QUERY_SECONDS": "2"}
         procs.start("worker", [*PREFECT, "worker", "start", "--pool", "belladonna", "--name", "test-worker"],
                     worker_env, tmp)
-        yield {"tmp": tmp, "api": api, "procs": procs}
+        yield {"tmp": tmp, "api": api, "procs": procs, "env": base}
         _cancel_unfinished(api)  # after a failed wait: the worker stops its flow-run processes itself
     finally:
         procs.stop()
@@ -232,6 +232,108 @@ def test_scheduler_creates_a_nightly_run_that_the_worker_completes(stack):
     report = subprocess.run([sys.executable, "-m", "belladonna.cli", "report", str(tmp / "runs" / "quickstart")],
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and "badnets" in report.stdout, report.stderr
+
+
+AUTOMATION = ROOT / "infra" / "prefect" / "notify_on_regression.yaml"
+MOVED = 1000.0  # far outside ASR's range: significant after Holm whatever the two seeds' spread
+
+
+def _gate_events(client, name: str) -> list:
+    """The ``belladonna.regression`` events of benchmark `name` the server has stored (a fresh filter each
+    call: its `until` defaults to the time it is made)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["belladonna.regression"]),
+                                                 resource=EventResourceFilter(id=[f"belladonna.benchmark.{name}"])),
+                              limit=50)  # the client's default (100) is over the server's maximum (50)
+    return list(page.events)
+
+
+def test_a_second_run_is_compared_with_the_first_and_its_regression_event_reaches_the_automation(stack):
+    """The gate on the server: the notification automation registered with the real CLI and read back;
+    `prefect deployment run` starts a second run of the nightly deployment (its `compare_to: previous`);
+    the first run's record is made to look better first (its BadNets ASR lowered by MOVED in every seed),
+    so the second, which reuses every stored stage and measures the same, has a regression: it ends
+    Completed, its results.json in the history names the first run as its base with the ASR `worse`,
+    the Prefect artifact holds the comparison, the event is stored with its label and links to the
+    flow run, and the registered automation fires on it."""
+    from tasks.run_history import run_ids
+
+    tmp, procs, env = stack["tmp"], stack["procs"], stack["env"]
+    bench = tmp / "runs" / "quickstart"
+    first = run_ids(bench)
+    assert len(first) == 1, f"needs the scheduled run of the test before (runs in {bench}: {first})"
+    created = subprocess.run([*PREFECT, "automation", "create", "--from-file", str(AUTOMATION)], env=env, cwd=tmp,
+                             capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    shown = subprocess.run([*PREFECT, "automation", "inspect", "belladonna-notify-on-regression", "--json"],
+                           env={**env, "COLUMNS": "1000"}, cwd=tmp, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    listed = json.loads(shown.stdout)  # every automation of that name: registered once
+    assert len(listed) == 1, listed
+    automation = listed[0]
+    assert automation["enabled"] and automation["trigger"]["expect"] == ["belladonna.regression"], automation
+    assert automation["trigger"]["match"] == {"prefect.resource.id": "belladonna.benchmark.*",
+                                              "belladonna.worse": "true"}, automation
+
+    record = bench / first[0] / "results.json"
+    base = json.loads(record.read_text())
+    moved = [r for r in base["rows"] if r["attack"] == "badnets" and isinstance(r.get("asr"), float)]
+    assert moved, base["rows"]
+    for row in moved:
+        row["asr"] -= MOVED
+    record.write_text(json.dumps(base))
+
+    started = subprocess.run([*PREFECT, "deployment", "run", "benchmark/nightly", "--tag", "gate-check"], env=env,
+                             cwd=tmp, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with _client(stack["api"]) as client:
+        def finished():
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["gate-check"])))
+            return runs[0] if len(runs) == 1 and runs[0].state.is_final() else None
+
+        try:
+            run = _wait("the worker to finish the second run", finished, timeout=900, every=2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- worker ---\n{procs.tail('worker')}") from None
+        assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{procs.tail('worker')}"
+        events = _wait("the belladonna.regression event", lambda: _gate_events(client, "quickstart"), timeout=120)
+        artifacts = client.read_artifacts()
+        automation_id = client.read_automations_by_name("belladonna-notify-on-regression")[0].id
+
+        def fired():
+            from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+            return client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=["prefect.automation.action.executed"]),
+                resource=EventResourceFilter(id=[f"prefect.automation.{automation_id}"])), limit=50).events
+
+        actions = _wait("the automation to act on the event", fired, timeout=120)
+
+    runs = run_ids(bench)
+    assert len(runs) == 2 and runs[0] == first[0] and (bench / "latest").read_text().strip() == runs[1]
+    second = json.loads((bench / runs[1] / "results.json").read_text())
+    assert second["prefect"]["flow_run_id"] == str(run.id)
+    comparison = second["comparison"]
+    assert comparison["base"]["run_id"] == first[0] and comparison["new"]["run_id"] == runs[1]
+    assert comparison["regression"] and comparison["counts"]["worse"] == 1, comparison["counts"]
+    worse = next(e for e in comparison["entries"] if e["verdict"] == "worse")
+    assert (worse["attack"], worse["defense"], worse["metric"]) == ("badnets", "none", "asr"), worse
+    assert abs(worse["diff"] - MOVED) < 1e-6, worse
+    assert {e["verdict"] for e in comparison["entries"] if e is not worse} == {"no significant change"}
+    assert any(a.flow_run_id == run.id and a.key == "quickstart-comparison" and "badnets" in (a.data or "")
+               for a in artifacts), [(a.key, a.flow_run_id) for a in artifacts]
+
+    assert len(events) == 1, events
+    event = events[0]
+    assert event.resource["belladonna.worse"] == "true" and event.resource["prefect.resource.name"] == "quickstart"
+    assert event.payload["run_id"] == runs[1] and event.payload["base_run_id"] == first[0], event.payload
+    assert event.payload["counts"]["worse"] == 1 and event.payload["worse"] == ["badnets/none/asr"], event.payload
+    assert f"prefect.flow-run.{run.id}" in {r.id for r in event.related}, event.related  # emitted by the run
+    triggering = {r.id for a in actions for r in a.related if r.role == "triggering-event"}
+    assert f"prefect.event.{event.id}" in triggering, actions  # the automation acted on this very event
 
 
 def test_deployment_run_with_a_bad_config_fails_fast_with_one_line_and_writes_nothing(stack):
