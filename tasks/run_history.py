@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -22,7 +21,6 @@ from typing import Any
 
 from poison_core.errors import InputError
 from poison_core.io import atomic_write_bytes
-from poison_core.paths import require_file
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -91,8 +89,6 @@ def resolve(arg: str, out: Path = Path("runs")) -> Path:
                 return select(candidate, LATEST)
             if (candidate / RESULTS).exists():
                 return candidate / RESULTS
-            if os.path.lexists(candidate / RESULTS):  # a FIFO, a folder: one line naming it, not "no results.json"
-                require_file(candidate / RESULTS, "results")
         if candidate.parent.is_dir() and (run_ids(candidate.parent) or SELECTOR.match(candidate.name)):
             return select(candidate.parent, candidate.name)
     names = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / RESULTS).is_file()) if out.is_dir() else []
