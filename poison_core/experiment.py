@@ -67,7 +67,8 @@ def craft(cfg: BenchmarkConfig, attack: AttackConfig, splits: DatasetSplits, see
         surrogates = pretrain_surrogates(cfg, splits, seed, device)
     ctx = CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
                        seed=derive_seed(seed, "craft", attack.key), device=device,
-                       surrogates=surrogates or [], surrogate_checksums=[state_checksum(m) for m in surrogates or []])
+                       surrogates=surrogates or [], surrogate_checksums=[state_checksum(m) for m in surrogates or []],
+                       surrogate_recipe=cfg.surrogate_or_victim().train)
     return attacker.craft(ctx)
 
 

@@ -232,7 +232,7 @@ def craft(store: Store | str, cfg: BenchmarkConfig, prefix: str, attack: AttackC
     ctx = CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
                        seed=derive_seed(seed, "craft", attack.key), device=torch.device(device),
                        surrogates=surrogates, surrogate_checksums=checksums, map=job_map(cfg.execution),
-                       actors=actors, retries=cfg.execution.max_retries,
+                       actors=actors, retries=cfg.execution.max_retries, surrogate_recipe=cfg.surrogate_or_victim().train,
                        checkpoint=Checkpointer(store.uri(checkpoints, "craft.safetensors"),
                                                cfg.execution.checkpoint_every, store.storage_options))
     clock = _Compute()
