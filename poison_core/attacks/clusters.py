@@ -4,7 +4,7 @@ Examples', CVPR 2023.
 Label-agnostic: the attacker never uses the labels, and neither does any model it relies on. The
 protected samples are grouped by k-means on the features of an encoder that never saw the target
 labels (Sec. 3.2, p clusters; default p = number of classes), and every cluster C_i gets ONE
-perturbation delta_i = eps * tanh(G_i(z_i)) from a small generator G_i with a fixed latent z_i, so
+perturbation delta_i = clamp(tanh(G_i(z_i)), -eps, eps) from a generator G_i with a fixed latent z_i, so
 samples of a cluster share a pattern (this disrupts the uniformity of the data). G_i is trained to
 disrupt discrepancy: the encoder features of x + delta_i are pulled towards the centroid of ANOTHER
 cluster, mu_{(i + offset) mod p} (Eq. 5 of the paper; the authors' code measures the pull as
@@ -18,14 +18,21 @@ trained on the WHOLE protected set (not only its cluster) under random crop + ho
 with Adam (weight decay 5e-4) and a cosine learning-rate schedule, for 50 epochs (their
 stage_1.yaml). Their encoder is an ImageNet-pretrained ResNet-50 or CLIP; ours is a SimCLR encoder
 (:mod:`poison_core.attacks._simclr`) trained here, without labels, on the protected images, so the
-attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Their
-generator is a ResNet generator (lr 1e-4); ours is a three-layer conv generator, whose default lr
-stays 0.01. Labels are unchanged (clean-label).
+attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Labels are
+unchanged (clean-label).
+
+The generator follows the authors' code: a ResNet generator (the image-to-image ResnetGenerator of
+Johnson et al. / CycleGAN: 7x7 stem, two stride-2 downsamplings, 6 residual blocks, two upsamplings,
+7x7 head, Tanh) trained at lr 1e-4, whose Tanh output is CLAMPED to [-eps, eps] (`output: clamp`), so
+the noise saturates near +-eps wherever the Tanh exceeds eps. `generator_width` (the stem's channels;
+theirs 64) is 16 by default for CPU cost. The earlier rules are kept as options: `generator: conv` (a
+three-layer conv generator, at lr 0.01) and `output: scale` (eps * tanh(.), which stays inside the ball).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,31 +51,76 @@ logger = logging.getLogger(__name__)
 
 
 class ClustersParams(AttackParams):
-    """Defaults: the authors' stage_1.yaml (target_offset 1, 50 epochs) except lr (see the docstring);
-    `encoder`: the label-free SimCLR encoder whose features are clustered."""
+    """Defaults: the authors' stage_1.yaml and main.py (target_offset 1, 50 epochs, a 6-block ResNet
+    generator at lr 1e-4, its Tanh output clamped to +-eps); lr None: 1e-4 for the ResNet generator, 0.01
+    for the conv one; `encoder`: the label-free SimCLR encoder whose features are clustered."""
 
     n_clusters: int | None = Field(None, ge=2, le=10_000)
     target_offset: int = Field(1, ge=1, le=10_000)
     epochs: int = Field(50, ge=1, le=1000)
-    lr: float = Field(0.01, gt=0, le=10)
+    lr: float | None = Field(None, gt=0, le=10)
+    generator: Literal["resnet", "conv"] = "resnet"
+    output: Literal["clamp", "scale"] = "clamp"
+    resnet_blocks: int = Field(6, ge=1, le=64)
     generator_width: int = Field(16, ge=1, le=512)
     batch_size: int = Field(256, ge=1, le=65_536)
     augment: bool = True
     encoder: SimCLRParams = Field(default_factory=SimCLRParams)
 
 
-class PerturbationGenerator(nn.Module):
-    """A tiny conv generator: fixed latent z (1, C, H, W) -> perturbation eps * tanh(G(z))."""
+GENERATOR_LR = {"resnet": 1e-4, "conv": 0.01}
 
-    def __init__(self, channels: int, width: int, radius: float) -> None:
+
+class ResidualBlock(nn.Module):
+    """conv3x3 - norm - ReLU - conv3x3 - norm, plus the input (reflection padding)."""
+
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.radius = radius
-        self.net = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(width, channels, 3, padding=1))
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(width, width, 3), nn.InstanceNorm2d(width, affine=True),
+                                  nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(width, width, 3),
+                                  nn.InstanceNorm2d(width, affine=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def resnet_generator(channels: int, width: int, blocks: int) -> nn.Module:
+    """The ResnetGenerator layout (Johnson et al. 2016; CycleGAN): 7x7 stem, two stride-2 downsamplings,
+    `blocks` residual blocks, two x2 upsamplings, 7x7 head; raw output (Tanh applied by the caller)."""
+    norm = lambda c: nn.InstanceNorm2d(c, affine=True)  # noqa: E731
+    layers: list[nn.Module] = [nn.Conv2d(channels, width, 7, padding=3), norm(width), nn.ReLU()]
+    for mult in (1, 2):
+        layers += [nn.Conv2d(width * mult, width * mult * 2, 3, stride=2, padding=1), norm(width * mult * 2), nn.ReLU()]
+    layers += [ResidualBlock(width * 4) for _ in range(blocks)]
+    for mult in (4, 2):
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width * mult, width * mult // 2, 3, padding=1),
+                   norm(width * mult // 2), nn.ReLU()]
+    layers += [nn.Conv2d(width, channels, 7, padding=3)]
+    return nn.Sequential(*layers)
+
+
+class PerturbationGenerator(nn.Module):
+    """Fixed latent z (1, C, H, W) -> perturbation: clamp(tanh(G(z)), -eps, eps) (`output` 'clamp', the
+    authors' rule) or eps * tanh(G(z)) ('scale'); G the ResNet generator or a three-layer conv net."""
+
+    def __init__(self, channels: int, width: int, radius: float, *, kind: str = "resnet", output: str = "clamp",
+                 blocks: int = 6) -> None:
+        super().__init__()
+        self.radius, self.output = radius, output
+        if kind == "resnet":
+            self.net = resnet_generator(channels, width, blocks)
+        else:
+            self.net = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.radius * torch.tanh(self.net(z))
+        raw = self.net(z)
+        if raw.shape[-2:] != z.shape[-2:]:  # sides not divisible by 4: back to the image's size
+            raw = F.interpolate(raw, size=z.shape[-2:], mode="bilinear", align_corners=False)
+        if self.output == "clamp":
+            return torch.tanh(raw).clamp(-self.radius, self.radius)
+        return self.radius * torch.tanh(raw)
 
 
 def encoder_features(model: nn.Module, images: np.ndarray, device: torch.device,
@@ -86,8 +138,10 @@ def train_cluster_noise(model: nn.Module, images: np.ndarray, anchor: torch.Tens
     z = torch.rand((1, channels, height, width), generator=gen, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen, device=device)))
-        generator = PerturbationGenerator(channels, params.generator_width, radius).to(device)
-    optimizer = torch.optim.Adam(generator.parameters(), lr=params.lr, weight_decay=5e-4)
+        generator = PerturbationGenerator(channels, params.generator_width, radius, kind=params.generator,
+                                          output=params.output, blocks=params.resnet_blocks).to(device)
+    lr = params.lr if params.lr is not None else GENERATOR_LR[params.generator]
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr, weight_decay=5e-4)
     n_batches = -(-len(images) // params.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, params.epochs * n_batches, eta_min=1e-6)
     target = F.softmax(anchor, dim=0)
