@@ -95,7 +95,7 @@ class TrainHistory:
 def forest_milestones(epochs: int) -> tuple[int, ...]:
     """The epochs at which forest's 'linear' schedule divides the lr by 10: floor(epochs / d) for
     d in (2.667, 1.6, 1.142), as MultiStepLR reads forest's float milestones; zeros dropped."""
-    return tuple(m for m in (int(epochs // d) for d in FOREST_DIVISORS) if m > 0)
+    return tuple(m for m in (int(epochs // d) for d in FOREST_DIVISORS) if m > 0)  # float floor: 40 // 1.6 = 24
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -103,7 +103,7 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
     cosine: per-step cosine annealing from cfg.lr towards 0 (Loshchilov & Hutter, SGDR, ICLR 2017,
     Eq. 5 without restarts); step: x0.1 at 50% and 75% of the epochs; forest: x0.1 at epochs
-    epochs // 2.667, epochs // 1.6 and epochs // 1.142 (14, 25, 35 of 40: Geiping et al.'s forest,
+    epochs // 2.667, epochs // 1.6 and epochs // 1.142 (14, 24, 35 of 40: Geiping et al.'s forest,
     forest/victims/training.py, scheduler 'linear' of forest/hyperparameters.py); none: constant.
     """
     total = cfg.epochs * steps_per_epoch
