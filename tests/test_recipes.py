@@ -292,3 +292,21 @@ def test_tue_noise_step_is_the_references_absolute_0_8_over_255():
     assert noise_step(TUEParams(), 16 / 255) == pytest.approx(0.8 / 255)
     assert noise_step(TUEParams(), 4 / 255) == pytest.approx(0.8 / 255)
     assert noise_step(TUEParams(step_fraction=0.1), 16 / 255) == pytest.approx(1.6 / 255)
+
+
+# --- defenses with their own loop use the recipe too -----------------------------------------------
+
+def test_dp_sgd_trains_with_the_recipes_augmentation():
+    from poison_core.config import VictimConfig
+    from poison_core.defenses import DefenseContext
+
+    data = tiny_dataset(n=24, k=3)
+
+    def weights(augment: str, seed: int) -> torch.Tensor:
+        victim = VictimConfig(model=ModelConfig(name="convnet", width=2),
+                              train=TrainConfig(epochs=1, batch_size=12, augment=augment))
+        result = make_defense("dp_sgd").fit(DefenseContext(train=data, victim=victim, seed=seed))
+        return torch.cat([q.detach().flatten() for q in result.classifier.model.parameters()])
+
+    assert torch.equal(weights("crop-flip", 0), weights("crop-flip", 0))
+    assert not torch.equal(weights("crop-flip", 0), weights("none", 0))
