@@ -310,3 +310,26 @@ def test_dp_sgd_trains_with_the_recipes_augmentation():
 
     assert torch.equal(weights("crop-flip", 0), weights("crop-flip", 0))
     assert not torch.equal(weights("crop-flip", 0), weights("none", 0))
+
+
+def test_unlearnable_clusters_can_use_the_transfer_protocols_pretrained_encoder(monkeypatch):
+    import poison_core.attacks.clusters as uc
+
+    with pytest.raises(ValueError, match="encoder_source .pretrained. needs pretrain"):
+        make_attack("unlearnable_clusters", {"encoder_source": "pretrained"})
+    monkeypatch.setattr(uc, "fit_simclr_encoder", lambda *a, **k: pytest.fail("the SimCLR encoder was trained"))
+    seen: list[nn.Module] = []
+    real = uc.encoder_features
+    monkeypatch.setattr(uc, "encoder_features", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
+    params = {"encoder_source": "pretrained", "encoder_model": {"name": "convnet", "width": 2},
+              "pretrain": {"dataset": {"name": "digits", "n_train": 200, "n_test": 50}, "train": {"epochs": 1}},
+              "epochs": 1, "generator": "conv", "n_clusters": 2}
+    data = tiny_dataset(n=24, k=2)
+    make_attack("unlearnable_clusters", params).craft(
+        CraftContext(train=data, threat=ThreatModel(epsilon=8, budget=1.0, clean_label=True), seed=0))
+    from poison_core.config import PretrainConfig, VictimConfig
+    from poison_core.protocols import source_state
+    victim = VictimConfig(model=ModelConfig(name="convnet", width=2), protocol="transfer",
+                          pretrain=PretrainConfig.model_validate(params["pretrain"]))
+    body = source_state(victim, data.image_shape)
+    assert len(seen) == 1 and all(torch.equal(seen[0].state_dict()[k], v) for k, v in body.items())

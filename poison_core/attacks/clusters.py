@@ -21,6 +21,12 @@ stage_1.yaml). Their encoder is an ImageNet-pretrained ResNet-50 or CLIP; ours i
 attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Labels are
 unchanged (clean-label).
 
+The encoder (`encoder_source`): 'simclr' (default) is the SimCLR encoder above; 'pretrained' is the
+`transfer` protocol's source model (:func:`poison_core.protocols.source_state`): the architecture
+`encoder_model` trained supervised on ANOTHER dataset (`pretrain`, its images resized to the victim's),
+the stand-in for the authors' strong pretrained encoder (their point: a good encoder that never saw the
+target labels). Its features are clustered and its feature space is where the generators pull.
+
 The generator follows the authors' code: a ResNet generator (the image-to-image ResnetGenerator of
 Johnson et al. / CycleGAN: 7x7 stem, two stride-2 downsamplings, 6 residual blocks, two upsamplings,
 7x7 head, Tanh) trained at lr 1e-4, whose Tanh output is CLAMPED to [-eps, eps] (`output: clamp`), so
@@ -37,14 +43,16 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from poison_core.attacks._augment import default_shift, random_shift_flip
 from poison_core.attacks._pgd import choose_positions, clip_unit, frozen, quantize, to_unit, torch_generator
 from poison_core.attacks._simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
+from poison_core.config import ModelConfig, PretrainConfig, VictimConfig
 from poison_core.errors import ConfigError
+from poison_core.models import build_model
 from poison_core.training import batch_slices, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,16 @@ class ClustersParams(AttackParams):
     batch_size: int = Field(256, ge=1, le=65_536)
     augment: bool = True
     encoder: SimCLRParams = Field(default_factory=SimCLRParams)
+    encoder_source: Literal["simclr", "pretrained"] = "simclr"
+    encoder_model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _pretrained_needs_a_source(self) -> "ClustersParams":
+        if self.encoder_source == "pretrained" and self.pretrain is None:
+            raise ValueError("encoder_source 'pretrained' needs pretrain, a source dataset "
+                             "(e.g. pretrain: {dataset: {name: digits}})")
+        return self
 
 
 GENERATOR_LR = {"resnet": 1e-4, "conv": 0.01}
@@ -121,6 +139,21 @@ class PerturbationGenerator(nn.Module):
         if self.output == "clamp":
             return torch.tanh(raw).clamp(-self.radius, self.radius)
         return self.radius * torch.tanh(raw)
+
+
+def pretrained_encoder(params: ClustersParams, image_shape: tuple[int, int, int], num_classes: int,
+                       device: torch.device) -> nn.Module:
+    """The `transfer` protocol's source model as the encoder: `encoder_model` trained supervised on
+    `pretrain.dataset` (resized to `image_shape`), its body loaded into a fresh model (head unused)."""
+    from poison_core.protocols import source_state  # here: protocols imports the attacks' SimCLR lazily
+
+    assert params.pretrain is not None
+    victim = VictimConfig(model=params.encoder_model, protocol="transfer", pretrain=params.pretrain)
+    model = build_model(params.encoder_model, image_shape, num_classes, seed=0)
+    missing, unexpected = model.load_state_dict(source_state(victim, image_shape), strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ConfigError(f"params.encoder_model: the pretrained body does not fit ({missing}, {unexpected})")
+    return model.to(device).eval()
 
 
 def encoder_features(model: nn.Module, images: np.ndarray, device: torch.device,
@@ -183,8 +216,11 @@ class UnlearnableClusters(Attack):
         from sklearn.cluster import KMeans  # here, not at import: sklearn costs every process ~1 s
 
         gen = torch_generator(rng, ctx.device)
-        model = fit_simclr_encoder(images, p.encoder, num_classes=train.num_classes, rng=rng, gen=gen,
-                                   device=ctx.device)
+        if p.encoder_source == "pretrained":
+            model = pretrained_encoder(p, train.image_shape, train.num_classes, ctx.device)
+        else:
+            model = fit_simclr_encoder(images, p.encoder, num_classes=train.num_classes, rng=rng, gen=gen,
+                                       device=ctx.device)
         with frozen([model]):
             feats = encoder_features(model, images, ctx.device)
             kmeans = KMeans(n_clusters=k, n_init=4, random_state=int(rng.integers(2**31))).fit(feats.cpu().numpy())
