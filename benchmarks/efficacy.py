@@ -4,6 +4,7 @@ one entry per setting) and ``<out>/efficacy.md``.
 
     python3 -m benchmarks.efficacy targeted --attack witches_brew --seeds 0 1 2 3 --keys 5 --eps 16 --budget 0.01
     python3 -m benchmarks.efficacy availability --attacks error_min_sample error_min_class tue --seeds 0 1 2 3
+    python3 -m benchmarks.efficacy availability --recipe augmented --attacks error_min_class_subset random_noise_class
 
 ``targeted`` is the from-scratch setting of ``tests/test_efficacy_targeted.py`` (Fashion-MNIST, 2,000
 training images, width-16 ConvNet trained 10 epochs, two surrogates trained with seeds the victim does
@@ -63,7 +64,11 @@ AVAILABILITY_ATTACKS = {
     "tue": ("tue", {}),
     "synthetic_noise": ("synthetic_noise", {}),
     "random_noise": ("random_noise", {}),
+    "random_noise_class": ("random_noise", {"mode": "class"}),
 }
+RECIPES = {"plain": {}, "augmented": {"augment": "crop-flip"}}
+"""`--recipe`: the victims' recipe; 'augmented' is the shipped configs' (random crop of the 2-px zero-padded
+image and horizontal flip, forest's MNIST setting; poison_core.augmentation)."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -160,9 +165,10 @@ def summarize_targeted(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "keys_above_noise": int(above), "seed_adv_prob_range": [float(min(probs)), float(max(probs))]}
 
 
-def run_availability(names: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+def run_availability(names: list[str], seeds: list[int], recipe: str = "plain") -> list[dict[str, Any]]:
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=8000, n_test=2000, seed=0))
-    clean = fit(splits.train, AVAILABILITY, 1)
+    train_cfg = AVAILABILITY.model_copy(update=RECIPES[recipe])
+    clean = fit(splits.train, train_cfg, 1)
     clean_acc = accuracy(clean, splits.test, device="cpu")
     results = []
     for key in names:
@@ -174,12 +180,13 @@ def run_availability(names: list[str], seeds: list[int]) -> list[dict[str, Any]]
                                seed=seed, surrogates=[clean])
             ps = make_attack(attack, params).craft(ctx)
             crafts.append(round(time.perf_counter() - start, 1))
-            values.append(accuracy(fit(apply(ps, splits.train), AVAILABILITY, 2), splits.test, device="cpu"))
+            values.append(accuracy(fit(apply(ps, splits.train), train_cfg, 2), splits.test, device="cpu"))
             provenance.append({k: v for k, v in ps.provenance.items() if k in ("stop_criterion_met", "rounds")})
             log.info("%s seed %d: victim accuracy %.4f (clean %.4f), craft %.0fs", key, seed, values[-1], clean_acc,
                      crafts[-1])
         results.append({"setting": {"attack": key, "name": attack, "params": params, "eps": 8, "budget": 1.0,
-                                    "seeds": seeds, "train": 8000, "victim": "convnet width 16, 8 epochs"},
+                                    "seeds": seeds, "train": 8000, "victim": "convnet width 16, 8 epochs",
+                                    **({"recipe": recipe} if recipe != "plain" else {})},
                         "clean_victim_acc": clean_acc, "victim_acc": values, "craft_s": crafts,
                         "provenance": provenance,
                         "summary": {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
@@ -190,7 +197,8 @@ def run_availability(names: list[str], seeds: list[int]) -> list[dict[str, Any]]
 def setting_id(entry: dict[str, Any]) -> str:
     s = entry["setting"]
     kind = "targeted" if "keys_per_seed" in s else "availability"
-    return f"{kind}:{s['attack']}:eps{s['eps']}:budget{s['budget']}:{json.dumps(s['params'], sort_keys=True)}"
+    recipe = f":{s['recipe']}" if "recipe" in s else ""
+    return f"{kind}:{s['attack']}:eps{s['eps']}:budget{s['budget']}:{json.dumps(s['params'], sort_keys=True)}{recipe}"
 
 
 def write(entries: list[dict[str, Any]], out: Path) -> None:
@@ -226,7 +234,8 @@ def render(entries: list[dict[str, Any]]) -> str:
         if "keys_per_seed" in e["setting"]:
             continue
         s, m = e["setting"], e["summary"]
-        lines.append(f"| {s['attack']} | {', '.join(map(str, s['seeds']))} | "
+        lines.append(f"| {s['attack']}{' (' + s['recipe'] + ')' if 'recipe' in s else ''} | "
+                     f"{', '.join(map(str, s['seeds']))} | "
                      f"{', '.join(f'{v:.3f}' for v in e['victim_acc'])} | {m['mean']:.3f} +- {m['std']:.3f} | "
                      f"{e['clean_victim_acc']:.3f} | {', '.join(f'{v:.0f}' for v in e['craft_s'])} |")
     return "\n".join(lines) + "\n"
@@ -243,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     targeted.add_argument("--params", default="{}", help="JSON merged over the attack's default params")
     availability = sub.add_parser("availability")
     availability.add_argument("--attacks", nargs="+", choices=sorted(AVAILABILITY_ATTACKS), required=True)
+    availability.add_argument("--recipe", choices=sorted(RECIPES), default="plain",
+                              help="the victims' recipe: plain, or augmented (random crop + flip)")
     for p in (targeted, availability):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
         p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         params = {**TARGETED[args.attack], **json.loads(args.params)}
         entries = [run_targeted(args.attack, args.seeds, args.keys, args.eps, args.budget, params)]
     else:
-        entries = run_availability(args.attacks, args.seeds)
+        entries = run_availability(args.attacks, args.seeds, args.recipe)
     write(entries, args.out)
 
 

@@ -81,7 +81,8 @@ def craft_context(cfg: BenchmarkConfig, attack: AttackConfig, splits: DatasetSpl
     Ray-backed `map` / `actors`, checkpoints and retries through `orchestration`) both call it."""
     return CraftContext(train=splits.train, test=splits.test, threat=cfg.threat_for(attack),
                         seed=derive_seed(seed, "craft", attack.key), device=device,
-                        surrogates=surrogates, surrogate_checksums=checksums, **orchestration)
+                        surrogates=surrogates, surrogate_checksums=checksums,
+                        surrogate_recipe=cfg.surrogate_or_victim().train, **orchestration)
 
 
 def train_defended(cfg: BenchmarkConfig, defense: DefenseConfig, splits: DatasetSplits, seed: int,

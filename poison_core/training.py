@@ -5,6 +5,10 @@ augmentation, any dropout-like op a hook draws from the global RNG) is derived f
 a forked CPU RNG, so the caller's global RNG state is left untouched and the same seed on the same
 data gives bit-identical weights on CPU. Images stay uint8 NHWC until a batch is drawn.
 
+The recipe's own augmentation (``TrainConfig.augment``: random crop with zero padding and horizontal
+flip, what every reference victim trains with; poison_core.augmentation) is applied to each batch
+before any hook, drawing from the same seeded augmentation generator.
+
 Hooks let defenses change training without copying the loop:
 
 * ``augment(x, y, generator)`` may return soft labels (N, C), e.g. mixup (Zhang et al., ICLR 2018);
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from poison_core.augmentation import default_padding, random_shift_flip
 from poison_core.data.dataset import ImageDataset
 
 if TYPE_CHECKING:
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 STEP_MILESTONES = (0.5, 0.75)
 STEP_FACTOR = 0.1
+FOREST_DIVISORS = (2.667, 1.6, 1.142)
 
 
 def to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -86,20 +92,40 @@ class TrainHistory:
         return len(self.epochs)
 
 
+def forest_milestones(epochs: int) -> tuple[int, ...]:
+    """The epochs at which forest's 'linear' schedule divides the lr by 10: floor(epochs / d) for
+    d in (2.667, 1.6, 1.142), as MultiStepLR reads forest's float milestones; zeros dropped."""
+    return tuple(m for m in (int(epochs // d) for d in FOREST_DIVISORS) if m > 0)  # float floor: 40 // 1.6 = 24
+
+
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """The learning rate at global optimisation step `step` (0-based).
 
     cosine: per-step cosine annealing from cfg.lr towards 0 (Loshchilov & Hutter, SGDR, ICLR 2017,
-    Eq. 5 without restarts); step: x0.1 at 50% and 75% of the epochs; none: constant.
+    Eq. 5 without restarts); step: x0.1 at 50% and 75% of the epochs; forest: x0.1 at epochs
+    epochs // 2.667, epochs // 1.6 and epochs // 1.142 (14, 24, 35 of 40: Geiping et al.'s forest,
+    forest/victims/training.py, scheduler 'linear' of forest/hyperparameters.py); none: constant.
     """
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "cosine":
         return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total))
+    if cfg.schedule == "forest":
+        epoch = step // steps_per_epoch
+        return cfg.lr * STEP_FACTOR ** sum(epoch >= m for m in forest_milestones(cfg.epochs))
     if cfg.schedule == "step":
         epoch = step // steps_per_epoch
         milestones = {int(frac * cfg.epochs) for frac in STEP_MILESTONES} - {0}
         return cfg.lr * STEP_FACTOR ** sum(epoch >= m for m in milestones)
     return cfg.lr
+
+
+def recipe_augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The recipe's augmentation of one NCHW batch (``cfg.augment``): random crop of the zero-padded
+    image and horizontal flip (poison_core.augmentation), every draw from `gen`; identity for 'none'."""
+    if cfg.augment == "none":
+        return x
+    padding = cfg.crop_padding if cfg.crop_padding is not None else default_padding(x.shape[-2], x.shape[-1])
+    return random_shift_flip(x, gen, max_shift=padding, flip=cfg.flip)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -123,8 +149,11 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
 
 def train_model(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, device: torch.device | str,
                 seed: int, hooks: TrainHooks | None = None,
-                eval_data: ImageDataset | None = None) -> TrainHistory:
+                eval_data: ImageDataset | None = None, shuffle: bool = True) -> TrainHistory:
     """Train `model` in place on `data` with recipe `cfg`; returns the per-epoch history.
+
+    shuffle: False walks the data in its stored order every epoch (an unshuffled loader, as ABL's
+    reference isolation does); True draws a seeded permutation per epoch.
 
     The model is moved to `device`, is in train mode while training and in eval mode on return.
     Same (model init, data, cfg, seed) -> identical weights on CPU; the global RNG is untouched.
@@ -144,8 +173,8 @@ def train_model(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, devic
         optimizer = make_optimizer(model, cfg)
         forward = torch.compile(model) if cfg.compile else model
         for epoch in range(cfg.epochs):
-            record = _train_epoch(model, forward, data, cfg, optimizer, batches, epoch, shuffle_gen, augment_gen,
-                                  hooks, device)
+            record = _train_epoch(model, forward, data, cfg, optimizer, batches, epoch,
+                                  shuffle_gen if shuffle else None, augment_gen, hooks, device)
             if eval_data is not None:
                 record["eval_acc"] = accuracy(model, eval_data, device=device)
             if hooks.on_epoch_end is not None:
@@ -159,10 +188,10 @@ def train_model(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, devic
 
 def _train_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], data: ImageDataset,
                  cfg: TrainConfig, optimizer: torch.optim.Optimizer, batches: list[slice], epoch: int,
-                 shuffle_gen: torch.Generator, augment_gen: torch.Generator, hooks: TrainHooks,
+                 shuffle_gen: torch.Generator | None, augment_gen: torch.Generator, hooks: TrainHooks,
                  device: torch.device) -> dict[str, Any]:
     model.train()
-    order = torch.randperm(len(data), generator=shuffle_gen)
+    order = torch.arange(len(data)) if shuffle_gen is None else torch.randperm(len(data), generator=shuffle_gen)
     epoch_lr = learning_rate(cfg, epoch * len(batches), len(batches))
     total_loss, correct = 0.0, 0
     for b, batch in enumerate(batches):
@@ -172,6 +201,8 @@ def _train_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         idx_np = idx.numpy()
         x = to_tensor(data.images[idx_np], device)
         y = torch.from_numpy(data.labels[idx_np]).to(device)
+        if cfg.augment != "none":
+            x = recipe_augment(x, cfg, augment_gen)
         if hooks.augment is not None:
             x, y = hooks.augment(x, y, augment_gen)
         logits = forward(x)

@@ -118,7 +118,8 @@ def test_hidden_trigger_raises_patched_source_asr_over_the_clean_victim(setup):
     0.190 vs 0.070 for the clean victim with the same patch; unpatched sneakers called boots 0.140 vs
     0.050; clean accuracy 0.824 vs 0.825."""
     extractor, train, test = setup
-    params = {"source_class": 7, "target_class": 9, "patch_size": 4, "steps": 200, "lr": 0.01}
+    params = {"source_class": 7, "target_class": 9, "patch_size": 4, "steps": 200, "lr": 0.01,
+              "lr_units": "absolute", "poisons_per_target": 1}  # the rules this was measured with
     threat = ThreatModel(epsilon=16, budget=0.1, clean_label=True)
     ps = make_attack("hidden_trigger", params).craft(CraftContext(train=train, threat=threat, seed=0,
                                                                   surrogates=[extractor]))

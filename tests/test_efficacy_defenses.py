@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 # re-teach the trigger during unlearning (ASR 0.28-1.0 over 4 seeds). Unlearning: the reference's
 # 5 epochs at lr 5e-4. Measured for the default "ascent" (seed 0): lr 5e-4 ASR 0.042 / clean 0.920;
 # lr 1e-3 ASR 0.010 / clean 0.906; lr 5e-4 with 4 epochs ASR 0.134 / clean 0.944 (undefended 0.987).
+# Isolation at the victim's lr on shuffled batches and fine-tuning without crop/flip (the rules this
+# setting was measured with before the reference's lr 0.1, unshuffled loader and augmented fine-tune
+# became ABL's defaults): a flipped 8x8 digit is another glyph.
 ABL_DIGITS = {"gamma": 1.5, "isolation_epochs": 6, "isolation_fraction": 0.08, "unlearning_epochs": 5,
-              "unlearning_lr": 0.0005}
+              "unlearning_lr": 0.0005, "isolation_lr": None, "isolation_shuffle": True, "finetune_augment": False}
 ABL_CLEAN_DROP = {"ascent": 0.08, "descent_ascent": 0.05}
 
 BADNETS = """

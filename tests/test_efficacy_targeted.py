@@ -170,7 +170,7 @@ def assert_decisive(result: dict[str, Arm], min_margin: int, min_ratio: float = 
 
 
 def test_poison_frogs_on_transfer_learning(transfer_setup):
-    assert_decisive(run_transfer("poison_frogs", {"steps": 100, "lr": 0.1}, transfer_setup), min_margin=3)
+    assert_decisive(run_transfer("poison_frogs", {"steps": 100, "lr": 0.1, "rule": "paper"}, transfer_setup), min_margin=3)
 
 
 def test_convex_polytope_on_transfer_learning(transfer_setup):

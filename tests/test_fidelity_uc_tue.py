@@ -117,7 +117,7 @@ def test_tue_same_seed_same_poisons(one_thread, ssl_weight):
 
 def test_tue_defaults_are_the_reference_demo():
     p = make_attack("tue").params
-    assert (p.epochs, p.train_steps, p.steps, p.step_fraction, p.batch_size) == (40, 20, 20, 0.1, 512)
+    assert (p.epochs, p.train_steps, p.steps, p.step_size, p.step_fraction, p.batch_size) == (40, 20, 20, 0.8, None, 512)
     assert (p.ssl_weight, p.csd_weight, p.random_start, p.projection_dim) == (0.0, 0.1, True, 128)
 
 

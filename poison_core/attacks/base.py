@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from poison_core.checkpoint import Checkpointer
-from poison_core.config import ThreatModel
+from poison_core.config import ThreatModel, TrainConfig
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.poisons import PoisonSet, audit
@@ -84,6 +84,9 @@ class CraftContext:
     actors: Callable[[Callable[..., Any], Sequence[tuple]], ActorGroup] = LocalActorGroup
     checkpoint: Checkpointer | None = None
     retries: int = 2
+    surrogate_recipe: TrainConfig | None = None
+    """The recipe the surrogates were trained with (the benchmark's surrogate, else victim, recipe): what an
+    attack that retrains models while crafting uses by default, as its reference does (Sleeper Agent)."""
 
 
 @dataclass

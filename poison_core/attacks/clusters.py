@@ -4,7 +4,7 @@ Examples', CVPR 2023.
 Label-agnostic: the attacker never uses the labels, and neither does any model it relies on. The
 protected samples are grouped by k-means on the features of an encoder that never saw the target
 labels (Sec. 3.2, p clusters; default p = number of classes), and every cluster C_i gets ONE
-perturbation delta_i = eps * tanh(G_i(z_i)) from a small generator G_i with a fixed latent z_i, so
+perturbation delta_i = clamp(tanh(G_i(z_i)), -eps, eps) from a generator G_i with a fixed latent z_i, so
 samples of a cluster share a pattern (this disrupts the uniformity of the data). G_i is trained to
 disrupt discrepancy: the encoder features of x + delta_i are pulled towards the centroid of ANOTHER
 cluster, mu_{(i + offset) mod p} (Eq. 5 of the paper; the authors' code measures the pull as
@@ -18,19 +18,32 @@ trained on the WHOLE protected set (not only its cluster) under random crop + ho
 with Adam (weight decay 5e-4) and a cosine learning-rate schedule, for 50 epochs (their
 stage_1.yaml). Their encoder is an ImageNet-pretrained ResNet-50 or CLIP; ours is a SimCLR encoder
 (:mod:`poison_core.simclr`) trained here, without labels, on the protected images, so the
-attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Their
-generator is a ResNet generator (lr 1e-4); ours is a three-layer conv generator, whose default lr
-stays 0.01. Labels are unchanged (clean-label).
+attack needs no surrogate and its PoisonSet pixels do not depend on the labels at all. Labels are
+unchanged (clean-label).
+
+The encoder (`encoder_source`): 'simclr' (default) is the SimCLR encoder above; 'pretrained' is the
+`transfer` protocol's source model (:func:`poison_core.protocols.source_state`): the architecture
+`encoder_model` trained supervised on ANOTHER dataset (`pretrain`, its images resized to the victim's),
+the stand-in for the authors' strong pretrained encoder (their point: a good encoder that never saw the
+target labels). Its features are clustered and its feature space is where the generators pull.
+
+The generator follows the authors' code: a ResNet generator (the image-to-image ResnetGenerator of
+Johnson et al. / CycleGAN: 7x7 stem, two stride-2 downsamplings, 6 residual blocks, two upsamplings,
+7x7 head, Tanh) trained at lr 1e-4, whose Tanh output is CLAMPED to [-eps, eps] (`output: clamp`), so
+the noise saturates near +-eps wherever the Tanh exceeds eps. `generator_width` (the stem's channels;
+theirs 64) is 16 by default for CPU cost. The earlier rules are kept as options: `generator: conv` (a
+three-layer conv generator, at lr 0.01) and `output: scale` (eps * tanh(.), which stays inside the ball).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from poison_core.attacks._augment import default_shift, random_shift_flip
@@ -38,38 +51,110 @@ from poison_core.attacks._pgd import choose_positions, frozen, torch_generator
 from poison_core.perturbation import clip_unit, quantize, to_unit
 from poison_core.simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
+from poison_core.config import ModelConfig, PretrainConfig, VictimConfig
 from poison_core.errors import ConfigError
+from poison_core.models import build_model
 from poison_core.training import batch_slices, to_tensor
 
 logger = logging.getLogger(__name__)
 
 
 class ClustersParams(AttackParams):
-    """Defaults: the authors' stage_1.yaml (target_offset 1, 50 epochs) except lr (see the docstring);
-    `encoder`: the label-free SimCLR encoder whose features are clustered."""
+    """Defaults: the authors' stage_1.yaml and main.py (target_offset 1, 50 epochs, a 6-block ResNet
+    generator at lr 1e-4, its Tanh output clamped to +-eps); lr None: 1e-4 for the ResNet generator, 0.01
+    for the conv one; `encoder`: the label-free SimCLR encoder whose features are clustered."""
 
     n_clusters: int | None = Field(None, ge=2, le=10_000)
     target_offset: int = Field(1, ge=1, le=10_000)
     epochs: int = Field(50, ge=1, le=1000)
-    lr: float = Field(0.01, gt=0, le=10)
+    lr: float | None = Field(None, gt=0, le=10)
+    generator: Literal["resnet", "conv"] = "resnet"
+    output: Literal["clamp", "scale"] = "clamp"
+    resnet_blocks: int = Field(6, ge=1, le=64)
     generator_width: int = Field(16, ge=1, le=512)
     batch_size: int = Field(256, ge=1, le=65_536)
     augment: bool = True
     encoder: SimCLRParams = Field(default_factory=SimCLRParams)
+    encoder_source: Literal["simclr", "pretrained"] = "simclr"
+    encoder_model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _pretrained_needs_a_source(self) -> "ClustersParams":
+        if self.encoder_source == "pretrained" and self.pretrain is None:
+            raise ValueError("encoder_source 'pretrained' needs pretrain, a source dataset "
+                             "(e.g. pretrain: {dataset: {name: digits}})")
+        return self
+
+
+GENERATOR_LR = {"resnet": 1e-4, "conv": 0.01}
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3 - norm - ReLU - conv3x3 - norm, plus the input (reflection padding)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(width, width, 3), nn.InstanceNorm2d(width, affine=True),
+                                  nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(width, width, 3),
+                                  nn.InstanceNorm2d(width, affine=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def resnet_generator(channels: int, width: int, blocks: int) -> nn.Module:
+    """The ResnetGenerator layout (Johnson et al. 2016; CycleGAN): 7x7 stem, two stride-2 downsamplings,
+    `blocks` residual blocks, two x2 upsamplings, 7x7 head; raw output (Tanh applied by the caller)."""
+    norm = lambda c: nn.InstanceNorm2d(c, affine=True)  # noqa: E731
+    layers: list[nn.Module] = [nn.Conv2d(channels, width, 7, padding=3), norm(width), nn.ReLU()]
+    for mult in (1, 2):
+        layers += [nn.Conv2d(width * mult, width * mult * 2, 3, stride=2, padding=1), norm(width * mult * 2), nn.ReLU()]
+    layers += [ResidualBlock(width * 4) for _ in range(blocks)]
+    for mult in (4, 2):
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width * mult, width * mult // 2, 3, padding=1),
+                   norm(width * mult // 2), nn.ReLU()]
+    layers += [nn.Conv2d(width, channels, 7, padding=3)]
+    return nn.Sequential(*layers)
 
 
 class PerturbationGenerator(nn.Module):
-    """A tiny conv generator: fixed latent z (1, C, H, W) -> perturbation eps * tanh(G(z))."""
+    """Fixed latent z (1, C, H, W) -> perturbation: clamp(tanh(G(z)), -eps, eps) (`output` 'clamp', the
+    authors' rule) or eps * tanh(G(z)) ('scale'); G the ResNet generator or a three-layer conv net."""
 
-    def __init__(self, channels: int, width: int, radius: float) -> None:
+    def __init__(self, channels: int, width: int, radius: float, *, kind: str = "resnet", output: str = "clamp",
+                 blocks: int = 6) -> None:
         super().__init__()
-        self.radius = radius
-        self.net = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(width, channels, 3, padding=1))
+        self.radius, self.output = radius, output
+        if kind == "resnet":
+            self.net = resnet_generator(channels, width, blocks)
+        else:
+            self.net = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.radius * torch.tanh(self.net(z))
+        raw = self.net(z)
+        if raw.shape[-2:] != z.shape[-2:]:  # sides not divisible by 4: back to the image's size
+            raw = F.interpolate(raw, size=z.shape[-2:], mode="bilinear", align_corners=False)
+        if self.output == "clamp":
+            return torch.tanh(raw).clamp(-self.radius, self.radius)
+        return self.radius * torch.tanh(raw)
+
+
+def pretrained_encoder(params: ClustersParams, image_shape: tuple[int, int, int], num_classes: int,
+                       device: torch.device) -> nn.Module:
+    """The `transfer` protocol's source model as the encoder: `encoder_model` trained supervised on
+    `pretrain.dataset` (resized to `image_shape`), its body loaded into a fresh model (head unused)."""
+    from poison_core.protocols import source_state  # here: protocols imports the attacks' SimCLR lazily
+
+    assert params.pretrain is not None
+    victim = VictimConfig(model=params.encoder_model, protocol="transfer", pretrain=params.pretrain)
+    model = build_model(params.encoder_model, image_shape, num_classes, seed=0)
+    missing, unexpected = model.load_state_dict(source_state(victim, image_shape), strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ConfigError(f"params.encoder_model: the pretrained body does not fit ({missing}, {unexpected})")
+    return model.to(device).eval()
 
 
 def encoder_features(model: nn.Module, images: np.ndarray, device: torch.device,
@@ -87,8 +172,10 @@ def train_cluster_noise(model: nn.Module, images: np.ndarray, anchor: torch.Tens
     z = torch.rand((1, channels, height, width), generator=gen, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen, device=device)))
-        generator = PerturbationGenerator(channels, params.generator_width, radius).to(device)
-    optimizer = torch.optim.Adam(generator.parameters(), lr=params.lr, weight_decay=5e-4)
+        generator = PerturbationGenerator(channels, params.generator_width, radius, kind=params.generator,
+                                          output=params.output, blocks=params.resnet_blocks).to(device)
+    lr = params.lr if params.lr is not None else GENERATOR_LR[params.generator]
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr, weight_decay=5e-4)
     n_batches = -(-len(images) // params.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, params.epochs * n_batches, eta_min=1e-6)
     target = F.softmax(anchor, dim=0)
@@ -131,8 +218,11 @@ class UnlearnableClusters(Attack):
         from sklearn.cluster import KMeans  # here, not at import: sklearn costs every process ~1 s
 
         gen = torch_generator(rng, ctx.device)
-        model = fit_simclr_encoder(images, p.encoder, num_classes=train.num_classes, rng=rng, gen=gen,
-                                   device=ctx.device)
+        if p.encoder_source == "pretrained":
+            model = pretrained_encoder(p, train.image_shape, train.num_classes, ctx.device)
+        else:
+            model = fit_simclr_encoder(images, p.encoder, num_classes=train.num_classes, rng=rng, gen=gen,
+                                       device=ctx.device)
         with frozen([model]):
             feats = encoder_features(model, images, ctx.device)
             kmeans = KMeans(n_clusters=k, n_init=4, random_state=int(rng.integers(2**31))).fit(feats.cpu().numpy())

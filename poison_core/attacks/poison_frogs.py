@@ -23,6 +23,14 @@ dimension), with D the surrogate's feature dimension and images on the [0, 1] sc
 (Sec. 4.2): the base is b = x_b + gamma * (x_t - x_b) with opacity gamma = 0.3 (the paper's value for
 end-to-end training and the reference's `--watermark_coeff` default), clipped to the eps-ball; the
 optimisation starts from it. gamma = 0 is the paper's transfer-learning 'one-shot kill' setting.
+Two rules (`rule`). 'paper': the above, Eq. (1) with its beta proximal step, then the eps-ball
+projection (1000 steps, lambda 0.1 on our ConvNets). 'benchmark': what Schwarzschild et al.'s benchmark
+runs under an L-inf threat (aks2203/poisoning-benchmark, poison_crafting/craft_poisons_fc.py without
+--l2): no beta term, each step is plain gradient descent on the feature distance followed by the
+projection onto the eps-ball and the pixel box, objective = the feature distance, 120 steps
+(--crafting_iters) at lambda 0.001 (--step_size), with the same rejection and stopping rules. 'auto'
+(default) takes 'benchmark' under an L-inf threat (epsilon < 255) and 'paper' without a bound
+(epsilon 255). steps and lr left None take the chosen rule's values.
 With several surrogates the feature loss is their mean; every poison collides with the same target
 independently, all in one batch (the surrogates are in eval mode, so the poisons do not interact).
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,15 +58,30 @@ class PoisonFrogsParams(AttackParams):
     `--watermark_coeff`). decay: the factor lambda is multiplied by on a rejected step (the reference's
     0.2); tol: the reference's stopping rule ||x - x_new|| / ||x|| < 1e-5. lr is the initial lambda on
     the [0, 1] pixel scale (the reference's 0.001 suits its ResNet-18 features; the gradient's scale is
-    the model's, and 0.1 lets the feature loss of our ConvNets settle within 200 steps)."""
+    the model's, and 0.1 lets the feature loss of our ConvNets settle within 200 steps). rule: 'auto'
+    (benchmark under L-inf, paper unbounded), 'benchmark' (craft_poisons_fc.py: no beta, 120 steps at
+    0.001) or 'paper' (Algorithm 1 with beta, 1000 steps at 0.1); steps / lr None: the rule's."""
 
-    steps: int = Field(1000, ge=1, le=100_000)
-    lr: float = Field(0.1, gt=0, le=100)
+    rule: Literal["auto", "benchmark", "paper"] = "auto"
+    steps: int | None = Field(None, ge=1, le=100_000)
+    lr: float | None = Field(None, gt=0, le=100)
     beta0: float = Field(0.25, ge=0, le=1e6)
     beta: float | None = Field(None, ge=0, le=1e6)
     watermark: float = Field(0.3, ge=0, le=1)
     decay: float = Field(0.2, gt=0, lt=1)
     tol: float = Field(1e-5, ge=0, le=1)
+
+
+RULE_DEFAULTS = {"benchmark": (120, 0.001), "paper": (1000, 0.1)}
+"""(steps, lr) of each rule: craft_poisons_fc.py's --crafting_iters / --step_size; Sec. 4 / our ConvNets."""
+
+
+def resolve_rule(params: PoisonFrogsParams, epsilon: int) -> tuple[str, int, float]:
+    """(rule, steps, lr): 'auto' is 'benchmark' under an L-inf bound (epsilon < 255), else 'paper'."""
+    rule = params.rule if params.rule != "auto" else ("benchmark" if epsilon < 255 else "paper")
+    steps, lr = RULE_DEFAULTS[rule]
+    return (rule, params.steps if params.steps is not None else steps,
+            params.lr if params.lr is not None else lr)
 
 
 def feature_dim(model: nn.Module, x: torch.Tensor) -> int:
@@ -90,14 +114,17 @@ def feature_collision(models: Sequence[nn.Module], bases: torch.Tensor, target: 
     eps = to_unit(epsilon)
     with torch.no_grad():
         target_features = [m.features(target) for m in models]
+    rule, steps, lr = resolve_rule(params, epsilon)
     b = project_images(bases + params.watermark * (target - bases), bases, eps)
     dim_b = b[0].numel()
     beta = params.beta if params.beta is not None else params.beta0 * feature_dim(models[0], b) ** 2 / dim_b ** 2
-    lam = torch.full((len(b),), params.lr, dtype=b.dtype, device=b.device)
+    if rule == "benchmark":
+        beta = 0.0
+    lam = torch.full((len(b),), lr, dtype=b.dtype, device=b.device)
     active = torch.ones(len(b), dtype=torch.bool, device=b.device)
     x = b.clone()
     objective, grad = _objective(models, x, target_features, b, beta)
-    for step in range(params.steps):
+    for step in range(steps):
         with torch.no_grad():
             scale = lam[:, None, None, None]
             proposal = project_images((x - scale * grad + scale * beta * b) / (1 + scale * beta), bases, eps)

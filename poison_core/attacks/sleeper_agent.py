@@ -22,13 +22,21 @@ Two additions over Witches' Brew (Sec. 3.2, Algorithm 1):
 
 As the reference (hsouri/Sleeper-Agent: forest/options.py, witchcoven/witch_base.py, witch_matching.py,
 data/kettle_base.py): eps 16, budget 1 %, 250 signAdam steps at forest's Rule 2 step size with its lr
-schedule, differentiable shift/flip augmentation, one restart; the patch is Bernoulli(1/2) per pixel and
-channel (`_create_patch`), its side a quarter of the image's (8 pixels on 32x32), pasted opaque at a
-random location of every patched source image (`random_patch`), once before crafting. The optimiser,
-projection and uint8 storage are those of :mod:`poison_core.attacks.witches_brew` (`Brew`). The source
-set is every source-class training image (`n_sources` caps it: the reference's `sources_train`).
-Deviation: the reference retrains for `retrain_max_epoch` epochs of the victim's recipe; here `retrain`
-is a TrainConfig (default: the surrogate default, 10 epochs SGD cosine).
+schedule, differentiable shift/flip augmentation, one restart; the patch's side is a quarter of the
+image's (8 pixels on 32x32), pasted opaque at a random location of every patched source image
+(`random_patch`), once before crafting. The optimiser, projection and uint8 storage are those of
+:mod:`poison_core.attacks.witches_brew` (`Brew`). The source set is every source-class training image
+(`n_sources` caps it: the reference's `sources_train`).
+
+The patch: the reference's default run LOADS a fixed image, ``patches/trigger_10.png`` (forest/options.py
+``--load_patch``, read in data/kettle_base.py); a Bernoulli(1/2) pattern per pixel and channel
+(`_create_patch`) is only its fallback when no patch file is given. That image is not shipped here, so
+`pattern: bernoulli` is the reference's fallback, not its default trigger.
+
+Retraining: the reference retrains each model from scratch with the victim's full recipe
+(``retrain_max_epoch`` None: all of the recipe's epochs, its schedule and augmentation). `retrain: None`
+(the default) does the same with ctx.surrogate_recipe, the recipe the surrogates were trained with (the
+benchmark's surrogate, else victim, recipe); a TrainConfig given here overrides it (a cheaper retrain).
 
 Given ctx.checkpoint, the restart saves its perturbation, Adam state, generator and its (retrained)
 models every `checkpoint.every` steps and resumes there.
@@ -65,8 +73,10 @@ logger = logging.getLogger(__name__)
 
 class SleeperAgentParams(WitchesBrewParams):
     """The reference's defaults (forest/options.py of hsouri/Sleeper-Agent): 250 steps, one restart,
-    retraining every 50 steps, max-gradient poison selection, a Bernoulli patch a quarter of the image side
-    (`patch_size` None) at random locations. location_seed: the test-time locations."""
+    retraining every 50 steps with the surrogates' full recipe (`retrain` None), max-gradient poison
+    selection, a patch a quarter of the image side (`patch_size` None) at random locations; the Bernoulli
+    pattern is the reference's fallback (its default loads patches/trigger_10.png). location_seed: the
+    test-time locations."""
 
     restarts: int = Field(1, ge=1, le=1000)
     target_class: int = Field(0, ge=0)
@@ -79,7 +89,7 @@ class SleeperAgentParams(WitchesBrewParams):
     n_sources: int | None = Field(None, ge=1, le=10_000_000)
     source_batch: int = Field(512, ge=1, le=65_536)
     retrain_every: int | None = Field(50, ge=1, le=100_000)
-    retrain: TrainConfig = TrainConfig()
+    retrain: TrainConfig | None = None
 
 
 def patch_side(params: SleeperAgentParams, height: int, width: int) -> int:
@@ -122,12 +132,22 @@ def source_gradient(view: nn.Module, sources: torch.Tensor, target_class: int, b
     return total
 
 
+def retrain_recipe(params: SleeperAgentParams, surrogate_recipe: TrainConfig | None) -> TrainConfig:
+    """The recipe models are retrained with while crafting: `params.retrain`, else the surrogates' recipe
+    (the reference: the victim's full recipe), else the TrainConfig default."""
+    if params.retrain is not None:
+        return params.retrain
+    return surrogate_recipe if surrogate_recipe is not None else TrainConfig()
+
+
 def run_sleeper(surrogates: Sequence[nn.Module], train: ImageDataset, positions: np.ndarray, sources: np.ndarray,
                 params: SleeperAgentParams, epsilon: int, seed: int, checkpoint: Checkpointer | None = None,
-                data_std: Sequence[float] | None = None) -> tuple[float, np.ndarray, int]:
+                data_std: Sequence[float] | None = None,
+                surrogate_recipe: TrainConfig | None = None) -> tuple[float, np.ndarray, int]:
     """One restart: returns (final alignment loss, uint8 poisoned train.images[positions], retrains done).
     Module-level and free of shared state, so orchestration can run it as a remote task."""
     device = next(surrogates[0].parameters()).device
+    recipe = retrain_recipe(params, surrogate_recipe)
     models = [copy.deepcopy(m).eval() for m in surrogates]
     gen = torch.Generator(device=device).manual_seed(seed)
     bases, labels = train.images[positions], train.labels[positions]
@@ -152,7 +172,7 @@ def run_sleeper(surrogates: Sequence[nn.Module], train: ImageDataset, positions:
             images[positions] = brew.poisoned(bases)
             for i, m in enumerate(models):
                 fresh = fresh_model(m, derive_seed(seed, "retrain", step, i)).to(device)
-                train_model(fresh, train.replace(images=images), params.retrain, device=device,
+                train_model(fresh, train.replace(images=images), recipe, device=device,
                             seed=derive_seed(seed, "retrain-data", step, i))
                 m.load_state_dict(fresh.state_dict())
             retrains += 1
@@ -218,7 +238,7 @@ class SleeperAgent(Attack):
         std = p.data_std or channel_std(train.images)
         calls = [(list(ctx.surrogates), train, positions, sources, p, ctx.threat.epsilon,
                   derive_seed(ctx.seed, self.name, r), ctx.checkpoint.child(r) if ctx.checkpoint is not None else None,
-                  std) for r in range(p.restarts)]
+                  std, ctx.surrogate_recipe) for r in range(p.restarts)]
         results = ctx.map(run_sleeper, calls)
         losses = [r[0] for r in results]
         best = int(np.argmin(losses))

@@ -12,7 +12,9 @@ be linearly separable by class through the Class-wise Separability Discriminant 
 The loop follows the authors' `ssl_perturbation.py::sample_wise_perturbation` (github:renjie3/TUE):
 each epoch walks a seeded SHUFFLED order of the protected samples; after every `train_steps`
 SimCLR steps on noisy views it sweeps the noise of every protected sample, in another shuffled
-order, with `steps` sign-descent steps of size step_fraction * eps (0.8/255 at eps 8/255), each
+order, with `steps` sign-descent steps of the reference's absolute size 0.8/255 (--step_size 0.8 on
+the 0-255 scale, whatever the eps; `step_size`, in /255; `step_fraction`, when set, makes the step that
+fraction of eps instead, the earlier rule: 0.1 * eps equals 0.8/255 only at eps 8), each
 batch's CSD computed over the classes in that batch. Shuffling matters: on class-sorted data
 contiguous batches hold one class and CSD is 0. Defaults are the SimCLR command of the authors'
 demo.sh: 40 epochs, train_step 20, num_steps 20, step_size 0.8, batch 512, random start,
@@ -62,7 +64,8 @@ class TUEParams(AttackParams):
     epochs: int = Field(40, ge=1, le=10_000)
     train_steps: int = Field(20, ge=1, le=100_000)
     steps: int = Field(20, ge=1, le=10_000)
-    step_fraction: float = Field(0.1, gt=0, le=1)
+    step_size: float = Field(0.8, gt=0, le=255)
+    step_fraction: float | None = Field(None, gt=0, le=1)
     random_start: bool = True
     batch_size: int = Field(512, ge=4, le=65_536)
     lr: float = Field(1e-3, gt=0, le=10)
@@ -112,6 +115,12 @@ def interpolate_to_classes(deltas: np.ndarray, labels: np.ndarray, target_labels
     if np.issubdtype(deltas.dtype, np.integer):
         return np.rint(out).astype(deltas.dtype)
     return out.astype(deltas.dtype)
+
+
+def noise_step(params: "TUEParams", radius: float) -> float:
+    """The sign-descent step on [0, 1]: step_fraction * eps when set, else step_size / 255 (the reference's
+    absolute 0.8/255, ssl_perturbation.py --step_size)."""
+    return params.step_fraction * radius if params.step_fraction is not None else params.step_size / 255.0
 
 
 @register_attack
@@ -173,7 +182,7 @@ class TransferableUnlearnable(Attack):
                     loss = loss + p.ssl_weight * simclr_loss(encoder, (x + delta).clamp(0.0, 1.0), gen, p.temperature)
                 return loss
 
-            noise[idx] = sign_descent(noise[idx], objective, steps=p.steps, step_size=p.step_fraction * radius,
+            noise[idx] = sign_descent(noise[idx], objective, steps=p.steps, step_size=noise_step(p, radius),
                                       project=lambda d, x=x: project_linf(d, radius, x))
             values.append(float(csd(noise[idx], y)))
         return float(np.mean(values))

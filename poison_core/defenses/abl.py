@@ -27,7 +27,12 @@ where D_b is a small isolated set of likely backdoor samples and D_c the rest, i
      ascent on a few target-class images once suppressed the target class everywhere on digits.
    The reference's isolation uses flooding |L - gamma| + gamma by default, whose gradient is LGA's.
 
-T_te defaults to 5 (paper: 20 of 100 epochs on CIFAR-10) to suit the short CPU recipes here.
+Isolation follows the reference code (bboylyg/ABL backdoor_isolation.py with config.py): T_te = 10
+epochs (`--tuning_epochs` 10; the paper's Sec. 4 says 20), SGD at lr 0.1 (`--lr`, momentum 0.9,
+Nesterov; `isolation_lr`, None: the victim's lr) constant, on the training set walked in its stored
+order (`isolation_shuffle: false`), without augmentation (its loader's transform is ToTensor only).
+Phase 2 fine-tunes with the reference's augmentation (random crop with zero padding and horizontal
+flip, `finetune_augment`) whether or not the victim's recipe has it.
 Ground truth (ctx.is_poison), when given, is used only to report per-epoch mean losses of clean and
 poisoned samples (`loss_clean`, `loss_poison` in the history) and the isolation precision/recall.
 """
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from poison_core.config import TrainConfig
 from poison_core.data.dataset import ImageDataset
 from poison_core.defenses.base import (Defense, DefenseContext, DefenseParams, DefenseResult, ModelClassifier,
                                        register_defense)
@@ -56,18 +62,39 @@ REFERENCE_WEIGHT_DECAY = 1e-4  # bboylyg/ABL config.py --weight_decay, the unlea
 
 
 class ABLParams(DefenseParams):
-    """isolation_epochs: T_te (paper 20); gamma: the LGA loss floor (paper 0.5); isolation_fraction:
-    p (paper 0.01); finetune_epochs: phase-2 epochs (None: the victim recipe's); unlearning,
+    """isolation_epochs: T_te (reference code 10, paper 20), at `isolation_lr` (reference 0.1; None: the
+    victim's) on the unshuffled training set (`isolation_shuffle`); gamma: the LGA loss floor (paper 0.5); isolation_fraction:
+    p (paper 0.01); finetune_epochs: phase-2 epochs (None: the victim recipe's), with the reference's
+    crop-and-flip augmentation when `finetune_augment`; unlearning,
     unlearning_epochs and unlearning_lr: phase 3 (the authors' code: pure ascent on D_b, 5 epochs,
     lr 5e-4, SGD with momentum 0.9, Nesterov, weight decay 1e-4; see the module docstring)."""
 
-    isolation_epochs: int = Field(5, ge=1, le=1000)
+    isolation_epochs: int = Field(10, ge=1, le=1000)
+    isolation_lr: float | None = Field(0.1, gt=0, le=10)
+    isolation_shuffle: bool = False
+    finetune_augment: bool = True
     gamma: float = Field(0.5, ge=0, le=10)
     isolation_fraction: float = Field(0.01, gt=0, lt=1)
     finetune_epochs: int | None = Field(None, ge=0, le=1000)
     unlearning_epochs: int = Field(5, ge=0, le=1000)
     unlearning_lr: float = Field(5e-4, gt=0, le=10)
     unlearning: Literal["ascent", "descent_ascent"] = "ascent"
+
+
+def isolation_recipe(recipe: TrainConfig, p: ABLParams) -> TrainConfig:
+    """Phase 1's recipe: `isolation_epochs` at a constant `isolation_lr` (None: the victim's), no augmentation."""
+    update: dict[str, Any] = {"epochs": p.isolation_epochs, "schedule": "none", "augment": "none"}
+    if p.isolation_lr is not None:
+        update["lr"] = p.isolation_lr
+    return recipe.model_copy(update=update)
+
+
+def finetune_recipe(recipe: TrainConfig, p: ABLParams, epochs: int) -> TrainConfig:
+    """Phase 2's recipe: the victim's for `epochs`, with crop-and-flip augmentation if `finetune_augment`."""
+    update: dict[str, Any] = {"epochs": epochs}
+    if p.finetune_augment:
+        update["augment"] = "crop-flip"
+    return recipe.model_copy(update=update)
 
 
 def lga_loss(per_sample: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -146,8 +173,8 @@ class ABL(Defense):
         everything = np.arange(len(train))
 
         rec.start(everything)
-        iso_cfg = recipe.model_copy(update={"epochs": p.isolation_epochs, "schedule": "none"})
-        train_model(model, train, iso_cfg, device=ctx.device, seed=derive_seed(ctx.seed, "abl", "isolation"),
+        train_model(model, train, isolation_recipe(recipe, p), device=ctx.device,
+                    seed=derive_seed(ctx.seed, "abl", "isolation"), shuffle=p.isolation_shuffle,
                     hooks=TrainHooks(loss=rec.hook(lambda losses: lga_loss(losses, p.gamma)),
                                      on_epoch_end=lambda e, m, r: rec.end_epoch("isolation", r)))
         losses = per_sample_loss(model, train.images, train.labels, ctx.device)
@@ -160,7 +187,7 @@ class ABL(Defense):
             rec.start(rest)
             hooks = TrainHooks(loss=rec.hook(lambda losses: losses.mean()),
                                on_epoch_end=lambda e, m, r: rec.end_epoch("finetune", r))
-            train_model(model, train.subset(rest), recipe.model_copy(update={"epochs": finetune}),
+            train_model(model, train.subset(rest), finetune_recipe(recipe, p, finetune),
                         device=ctx.device, seed=derive_seed(ctx.seed, "abl", "finetune"), hooks=hooks)
         rec.start(everything)
         self._unlearn(model, train, rest, isolated, ctx, rec)
