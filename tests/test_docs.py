@@ -66,3 +66,18 @@ def test_no_file_cites_a_tracker_issue_number():
             if pattern.search(line) and "noqa" not in line:
                 hits.append(f"{name}:{number}: {line.strip()[:120]}")
     assert not hits, "\n".join(hits)
+
+
+def test_the_readmes_own_attack_passes_the_contract(monkeypatch):
+    """The 'Your own attack' example is complete: run as written, it passes the contract every member passes."""
+    import types
+
+    from poison_core.contract import check_member
+
+    section = README[README.index("## Your own"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    module = types.ModuleType("readme_attack")
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    monkeypatch.setitem(__import__("sys").modules, "readme_attack", module)
+    assert "epsilon" in check_member("attack", "readme_attack:CheckerNoise")
