@@ -78,6 +78,6 @@ def test_the_readmes_own_attack_passes_the_contract(monkeypatch):
     code = section[section.index("```python") + len("```python"):]
     code = code[:code.index("```")]
     module = types.ModuleType("readme_attack")
-    exec(compile(code, "README.md", "exec"), module.__dict__)
+    exec(compile(code, "README.md", "exec"), module.__dict__)  # our own README's code
     monkeypatch.setitem(__import__("sys").modules, "readme_attack", module)
     assert "epsilon" in check_member("attack", "readme_attack:CheckerNoise")
