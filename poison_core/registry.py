@@ -61,6 +61,8 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         self._pending: dict[str, importlib.metadata.EntryPoint] = {}
         self._broken: dict[str, str] = {}
+        self._imported: dict[str, Entry[T]] = {}
+        """Import-string members, resolved on demand: usable by name, but not listed as registered."""
         self._discovered = False
 
     def register(self, name: str, *, paper: str = "", summary: str = "", **extra: Any) -> Callable[[T], T]:
@@ -81,6 +83,8 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Entry[T]:
         if name in self._entries:
             return self._entries[name]
+        if name in self._imported:
+            return self._imported[name]
         self._discover()
         if name in self._pending:
             self._load(name)
@@ -179,7 +183,7 @@ class Registry(Generic[T]):
             raise PluginError(f"{self.kind} {name!r}: {reason}")
         entry = Entry(name, self.adapt(obj), getattr(obj, "paper", ""), getattr(obj, "summary", ""), _extra(obj),
                       "import string")
-        self._entries[name] = entry
+        self._imported[name] = entry
         return entry
 
 

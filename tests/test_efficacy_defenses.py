@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import json
+
 import logging
 
 import numpy as np
@@ -80,7 +82,8 @@ def _by_defense(result):
 @pytest.mark.parametrize("unlearning", ["ascent", "descent_ascent"])
 def test_abl_removes_the_badnets_backdoor_on_digits(unlearning):
     params = {**ABL_DIGITS, "unlearning": unlearning}
-    rows = _by_defense(run_benchmark(load_benchmark(BADNETS.replace("{ABL_PARAMS}", str(params)))))
+    config = BADNETS.replace("{ABL_PARAMS}", json.dumps(params))  # JSON is YAML: None becomes null
+    rows = _by_defense(run_benchmark(load_benchmark(config)))
     undefended, abl = rows["none"], rows["abl"]
     log.info("abl %s: ASR %.3f clean acc %.3f (undefended ASR %.3f clean acc %.3f)", unlearning, abl["asr"],
              abl["clean_acc"], undefended["asr"], undefended["clean_acc"])

@@ -95,7 +95,7 @@ def test_sigkill_mid_benchmark_then_rerun_recomputes_only_the_missing(tmp_path):
     assert computed["craft"] == TOTAL["craft"] - before["poisons"]
     assert computed["evaluate"] == TOTAL["evaluate"] - before["cells"]
     after = audit_store(store, load_benchmark(config))
-    assert after == {"datasets": 2, "poisons": 6, "models": 9, "cells": 6}
+    assert after == {"datasets": 2, "poisons": 6, "models": 9, "cells": 6, "records": 22}  # one record per slot
 
 
 @pytest.mark.slow
