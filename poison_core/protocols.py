@@ -42,7 +42,7 @@ from poison_core.models import Classifier, build_model
 from poison_core.models.weights import load_weights
 from poison_core.seeding import derive_seed
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FROZEN_BODY = ("simclr-linear", "transfer")
 PRETRAINED = ("transfer", "finetune")
@@ -140,7 +140,7 @@ def source_state(victim: VictimConfig, image_shape: tuple[int, int, int]) -> dic
         model = build_model(victim.model, image_shape, train.num_classes, seed=seed)
         with torch.random.fork_rng(devices=[]):
             train_model(model, train, pre.train, device="cpu", seed=seed)
-        logger.info("pretrained %s on %s (%d images at %s): source test accuracy %.3f", victim.model.name,
+        log.info("pretrained %s on %s (%d images at %s): source test accuracy %.3f", victim.model.name,
                     pre.dataset.name, len(train), "x".join(map(str, image_shape)),
                     accuracy(model, test, device="cpu"))
         _SOURCE_CACHE[key] = {k: v.detach().clone() for k, v in model.state_dict().items()

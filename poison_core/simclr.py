@@ -34,7 +34,7 @@ from poison_core.config import ModelConfig, ModelName, StrictModel
 from poison_core.models import build_model
 from poison_core.training import to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class SimCLRParams(StrictModel):
@@ -194,5 +194,5 @@ def fit_simclr_encoder(images: np.ndarray, params: SimCLRParams, *, num_classes:
     for epoch in range(params.epochs):
         losses = [simclr_step(encoder, optimizer, to_tensor(images[b], device), gen, params.temperature)
                   for b in shuffled_batches(len(images), params.batch_size, gen)]
-        logger.info("simclr encoder epoch %d/%d: mean loss %.4f", epoch + 1, params.epochs, float(np.mean(losses)))
+        log.info("simclr encoder epoch %d/%d: mean loss %.4f", epoch + 1, params.epochs, float(np.mean(losses)))
     return encoder.eval()

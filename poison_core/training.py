@@ -37,7 +37,7 @@ from poison_core.data.dataset import ImageDataset
 if TYPE_CHECKING:
     from poison_core.config import TrainConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 STEP_MILESTONES = (0.5, 0.75)
 STEP_FACTOR = 0.1
@@ -180,7 +180,7 @@ def train_model(model: nn.Module, data: ImageDataset, cfg: TrainConfig, *, devic
             if hooks.on_epoch_end is not None:
                 hooks.on_epoch_end(epoch, model, record)
             history.epochs.append(record)
-            logger.debug("epoch %d/%d %s", epoch + 1, cfg.epochs,
+            log.debug("epoch %d/%d %s", epoch + 1, cfg.epochs,
                          " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and isinstance(v, float)))
     model.eval()
     return history

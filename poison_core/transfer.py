@@ -27,7 +27,7 @@ from poison_core.config import TrainConfig
 from poison_core.data.dataset import ImageDataset
 from poison_core.training import batch_slices, learning_rate, make_optimizer, to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def extract_features(model: nn.Module, images: np.ndarray, *, device: torch.device | str,
@@ -74,7 +74,7 @@ def finetune(pretrained: nn.Module, train: ImageDataset, cfg: TrainConfig, *, de
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach()) * len(idx)
-            logger.debug("finetune epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, total / len(train))
+            log.debug("finetune epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, total / len(train))
     for p in head.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -42,7 +42,7 @@ from poison_core.perturbation import project_images, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.attacks.convex_polytope import REFERENCE_STD, polytope_loss
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class BullseyeParams(AttackParams):
@@ -88,7 +88,7 @@ def bullseye_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: 
             x.copy_(project_images(x, bases, eps))
         losses.append(float(loss.detach()))
         if step % 100 == 0:
-            logger.debug("bullseye_polytope step %d loss %.5f", step, losses[-1])
+            log.debug("bullseye_polytope step %d loss %.5f", step, losses[-1])
     return x.detach(), losses
 
 

@@ -56,7 +56,7 @@ from poison_core.errors import ConfigError
 from poison_core.models import build_model
 from poison_core.training import batch_slices, to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class ClustersParams(AttackParams):
@@ -236,7 +236,7 @@ class UnlearnableClusters(Attack):
                 delta = train_cluster_noise(model, images, centres[(i + p.target_offset) % k], p,
                                             radius=to_unit(eps), gen=gen, device=ctx.device)
                 out[members] = quantize(images[members], delta.expand(len(members), -1, -1, -1), eps)
-                logger.info("unlearnable_clusters: cluster %d/%d (%d samples) done", i + 1, k, len(members))
+                log.info("unlearnable_clusters: cluster %d/%d (%d samples) done", i + 1, k, len(members))
         return Crafted(positions=pos, images=out, poison_labels=train.labels[pos],
                        targets={"kind": "availability", "n_clusters": k,
                                 "cluster_sizes": np.bincount(assign, minlength=k).tolist()})

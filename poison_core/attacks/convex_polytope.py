@@ -44,7 +44,7 @@ from poison_core.attacks import targets as targeting
 from poison_core.perturbation import project_images, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 REFERENCE_STD = 0.2009  # mean of the reference's CIFAR-10 normalisation std (0.2023, 0.1994, 0.2010)
@@ -136,7 +136,7 @@ def convex_polytope(models: Sequence[nn.Module], bases: torch.Tensor, target: to
         with torch.no_grad():
             x.copy_(project_images(x, bases, eps))
         if step % 100 == 0:
-            logger.debug("convex_polytope step %d loss %.5f", step, float(loss.detach()))
+            log.debug("convex_polytope step %d loss %.5f", step, float(loss.detach()))
     return x.detach()
 
 

@@ -77,7 +77,7 @@ from poison_core.config import ModelConfig, ModelName
 from poison_core.models import build_model
 from poison_core.training import batch_slices, to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class ErrorMinParams(AttackParams):
@@ -253,7 +253,7 @@ def min_min_search(images: np.ndarray, labels: np.ndarray, model: nn.Module, par
             x = to_tensor(images[batch], device)
             noise.minimise(model, x, idx, y_all[idx], steps=p.steps, step_size=p.step_fraction * noise.radius)
         acc = noisy_accuracy(model, noise, images, y_all, batches, device, p.stop_check)
-        logger.info("error_min %s round %d: crafting-model accuracy on noisy data %.4f", p.mode, rounds, acc)
+        log.info("error_min %s round %d: crafting-model accuracy on noisy data %.4f", p.mode, rounds, acc)
         stopped = acc >= p.stop_accuracy
         if checkpoint is not None and (checkpoint.due(rounds) or stopped):
             save_loop(checkpoint, rounds, loop(), {"cursor": cursor, "next_batch": next_batch, "acc": acc,
@@ -262,7 +262,7 @@ def min_min_search(images: np.ndarray, labels: np.ndarray, model: nn.Module, par
             break
     met = bool(acc >= p.stop_accuracy)
     if not met:
-        logger.warning("error_min %s: stop criterion not met: crafting-model accuracy %.4f < stop_accuracy %.4f "
+        log.warning("error_min %s: stop criterion not met: crafting-model accuracy %.4f < stop_accuracy %.4f "
                        "after max_rounds=%d rounds", p.mode, acc, p.stop_accuracy, rounds)
     if apply_to is not None:
         if p.mode != "class":

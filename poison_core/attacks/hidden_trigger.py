@@ -58,7 +58,7 @@ from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
 from poison_core.triggers.random_patch import check_source_target, paste_at_random
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class HiddenTriggerParams(AttackParams):
@@ -124,7 +124,7 @@ def hidden_trigger_batch(models: Sequence[nn.Module], targets: torch.Tensor, pat
             delta = project(delta - lr * grad, targets, eps)
         losses.append(float(loss.detach()))
         if step % 500 == 0:
-            logger.debug("hidden_trigger step %d loss %.4f", step, losses[-1])
+            log.debug("hidden_trigger step %d loss %.4f", step, losses[-1])
         if params.stop_loss is not None and float(per_pair.detach().max()) < params.stop_loss:
             break
     return (targets + delta).detach(), losses
@@ -179,7 +179,7 @@ class HiddenTrigger(Attack):
                 patched = to_tensor(self.patched(train.images[batch_src], rng), ctx.device)
                 poisons, losses = hidden_trigger_batch(ctx.surrogates, targets, patched,
                                                        epsilon=ctx.threat.epsilon, params=p)
-                logger.info("hidden_trigger batch %d craft %d: feature loss %.4g -> %.4g", start // p.batch_size,
+                log.info("hidden_trigger batch %d craft %d: feature loss %.4g -> %.4g", start // p.batch_size,
                             craft, losses[0], losses[-1])
                 if best is None or losses[-1] < best[0]:
                     best = (losses[-1], quantize(train.images[batch], poisons - targets, ctx.threat.epsilon))

@@ -65,7 +65,7 @@ from poison_core.training import to_tensor
 
 __all__ = ["MetaPoison", "MetaPoisonParams", "MetaPoisonWorker", "color_rate_at", "craft_rate_at", "fresh_model"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _KeyResult = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
 """One key's uint8 poisons, or with recolor (poisons, float32 colour parameters)."""
@@ -183,7 +183,7 @@ class MetaPoison(Attack):
             except WorkerLost as exc:
                 if attempt == ctx.retries:
                     raise
-                logger.warning("metapoison target %d: %s; rebuilding the ensemble from the last checkpoint "
+                log.warning("metapoison target %d: %s; rebuilding the ensemble from the last checkpoint "
                                "(retry %d of %d)", kp.key.target_id, exc, attempt + 1, ctx.retries)
         raise AssertionError("unreachable")
 
@@ -233,7 +233,7 @@ class MetaPoison(Attack):
                 else:
                     theta.copy_(colour.project(theta, ctx.threat.color_epsilon))
                     delta.copy_(project(delta, colour.recolor(x0, theta), eps))
-            logger.debug("metapoison target %d step %d adversarial loss %.4f", kp.key.target_id, step,
+            log.debug("metapoison target %d step %d adversarial loss %.4f", kp.key.target_id, step,
                          float(np.mean([r[0] for r in results])))
             if checkpoint is not None and checkpoint.due(step + 1):
                 states = group.call("state", [()] * p.n_models)

@@ -50,7 +50,7 @@ from poison_core.attacks import targets as targeting
 from poison_core.perturbation import project_images, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class PoisonFrogsParams(AttackParams):
@@ -139,7 +139,7 @@ def feature_collision(models: Sequence[nn.Module], bases: torch.Tensor, target: 
             objective = torch.where(accept, new_objective, objective)
             active = active & ~(accept & (moved < params.tol))
         if step % 100 == 0:
-            logger.debug("poison_frogs step %d objective %.4f", step, float(objective.mean()))
+            log.debug("poison_frogs step %d objective %.4f", step, float(objective.mean()))
         if not bool(active.any()):
             break
     return x.detach()

@@ -68,7 +68,7 @@ from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor, train_model
 from poison_core.triggers.random_patch import check_source_target, paste_at_random
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class SleeperAgentParams(WitchesBrewParams):
@@ -165,7 +165,7 @@ def run_sleeper(surrogates: Sequence[nn.Module], train: ImageDataset, positions:
     for step in range(done, params.steps):
         loss = brew.step(views, source_grads, gen)
         if step % 50 == 0:
-            logger.debug("sleeper_agent seed %d step %d alignment loss %.4f", seed, step, loss)
+            log.debug("sleeper_agent seed %d step %d alignment loss %.4f", seed, step, loss)
         every = params.retrain_every
         if every is not None and step % every == 0 and step not in (0, params.steps - 1):
             images = train.images.copy()
@@ -177,7 +177,7 @@ def run_sleeper(surrogates: Sequence[nn.Module], train: ImageDataset, positions:
                 m.load_state_dict(fresh.state_dict())
             retrains += 1
             views, source_grads = matching_target()
-            logger.info("sleeper_agent seed %d: models retrained at step %d (alignment loss %.4f)", seed, step, loss)
+            log.info("sleeper_agent seed %d: models retrained at step %d (alignment loss %.4f)", seed, step, loss)
         if checkpoint is not None and checkpoint.due(step + 1):
             save_loop(checkpoint, step + 1, loop, {"retrains": retrains})
     poisoned = brew.poisoned(bases)
@@ -242,7 +242,7 @@ class SleeperAgent(Attack):
         results = ctx.map(run_sleeper, calls)
         losses = [r[0] for r in results]
         best = int(np.argmin(losses))
-        logger.info("sleeper_agent: %d poisons, %d patched sources, restart losses %s, kept restart %d "
+        log.info("sleeper_agent: %d poisons, %d patched sources, restart losses %s, kept restart %d "
                     "(%d retrains)", n, len(sources), ", ".join(f"{v:.4f}" for v in losses), best, results[best][2])
         h, w, _ = train.image_shape
         return Crafted(positions=positions, images=results[best][1], poison_labels=train.labels[positions],

@@ -48,7 +48,7 @@ from poison_core.config import ModelName
 from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class TUEParams(AttackParams):
@@ -162,7 +162,7 @@ class TransferableUnlearnable(Attack):
                     encoder.eval()
                     encoder.requires_grad_(False)
                 last_csd = self._sweep(encoder, images, labels, noise, radius, gen, device)
-            logger.info("tue epoch %d/%d: mean batch CSD %.4f", epoch + 1, p.epochs, last_csd)
+            log.info("tue epoch %d/%d: mean batch CSD %.4f", epoch + 1, p.epochs, last_csd)
         out = quantize(images, noise, ctx.threat.epsilon)
         return Crafted(positions=pos, images=out, poison_labels=train.labels[pos],
                        targets={"kind": "availability", "epochs": p.epochs, "final_batch_csd": round(last_csd, 6)})

@@ -72,7 +72,7 @@ from poison_core.checkpoint import Checkpointer, LoopState, resume_loop, save_lo
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 LR_DIVISORS = (2.667, 1.6, 1.142)  # forest _run_trial: milestones attackiter // 2.667, // 1.6, // 1.142
 REFERENCE_PBATCH = 512  # forest _initialize_brew: tau0 = tau * (pbatch / 512) / ensemble
@@ -237,7 +237,7 @@ def run_restart(surrogates: Sequence[nn.Module], bases: np.ndarray, labels: np.n
     for step in range(done, params.steps):
         loss = brew.step(views, target_grads, gen)
         if step % 50 == 0:
-            logger.debug("witches_brew seed %d step %d alignment loss %.4f", seed, step, loss)
+            log.debug("witches_brew seed %d step %d alignment loss %.4f", seed, step, loss)
         if checkpoint is not None and checkpoint.due(step + 1):
             save_loop(checkpoint, step + 1, loop, {"resumes": resumes})
     poisoned = brew.poisoned(bases)
@@ -299,7 +299,7 @@ class WitchesBrew(Attack):
         for i, kp in enumerate(plans):
             losses = [results[i * p.restarts + r][0] for r in range(p.restarts)]
             best = int(np.argmin(losses))
-            logger.info("witches_brew target %d: restart losses %s, kept restart %d", kp.key.target_id,
+            log.info("witches_brew target %d: restart losses %s, kept restart %d", kp.key.target_id,
                         ", ".join(f"{v:.4f}" for v in losses), best)
             images.append(results[i * p.restarts + best][1])
         return targeting.pack(train, plans, images)

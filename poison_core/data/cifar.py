@@ -25,7 +25,7 @@ from poison_core.paths import read_regular
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -130,5 +130,5 @@ def load_cifar10(cfg: "DatasetConfig") -> DatasetSplits:
     """CIFAR-10 from cfg.path (the batches folder or its parent), default ~/.cache/belladonna/cifar10."""
     folder = _batches_folder(cfg)
     train, test = read_folder(folder)
-    logger.info("read CIFAR-10 from %s: %d train, %d test", folder, len(train), len(test))
+    log.info("read CIFAR-10 from %s: %d train, %d test", folder, len(train), len(test))
     return finish_splits(cfg, train, test)

@@ -19,7 +19,7 @@ from poison_core.errors import DatasetError
 from poison_core.limits import gunzip, product
 from poison_core.paths import read_regular
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 UBYTE = 0x08
 IMAGES_MAGIC = 0x00000803
@@ -78,7 +78,7 @@ def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
     if magic is not None and data[:4] != struct.pack(">I", magic):
         raise DatasetError(f"IDX file {str(path)!r} has magic number 0x{data[:4].hex()}, expected 0x{magic:08x}")
     array = _parse(data, path)
-    logger.debug("read IDX %s: shape %s", path, array.shape)
+    log.debug("read IDX %s: shape %s", path, array.shape)
     return array
 
 

@@ -28,7 +28,7 @@ from poison_core.paths import read_regular
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -124,8 +124,8 @@ def load_imagefolder(cfg: "DatasetConfig") -> DatasetSplits:
     root, has_train = _layout(cfg)
     if has_train:
         train, test = _read_train_test(root)
-        logger.info("read image folder %s: %d train, %d test", root, len(train), len(test))
+        log.info("read image folder %s: %d train, %d test", root, len(train), len(test))
         return finish_splits(cfg, train, test)
     full = read_class_tree(root, tuple(class_folders(root)), "imagefolder")
-    logger.info("read image folder %s: %d images in %d classes", root, len(full), full.num_classes)
+    log.info("read image folder %s: %d images in %d classes", root, len(full), full.num_classes)
     return split_single_source(cfg, full, "imagefolder")

@@ -27,7 +27,7 @@ from poison_core.io import exists
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -109,7 +109,7 @@ def load_fashion_mnist(cfg: "DatasetConfig") -> DatasetSplits:
     folder = _fashion_folder(cfg)
     train = _read_fashion_split(folder, "train", "fashion-mnist/train")
     test = _read_fashion_split(folder, "t10k", "fashion-mnist/test")
-    logger.info("read Fashion-MNIST from %s: %d train, %d test", folder, len(train), len(test))
+    log.info("read Fashion-MNIST from %s: %d train, %d test", folder, len(train), len(test))
     return finish_splits(cfg, train, test)
 
 

@@ -22,7 +22,7 @@ from poison_core.io import (atomic_write_bytes, bytes_to_table, column_to_images
                             table_to_bytes)
 from poison_core.limits import check_image_shape
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 META_SHAPE = "belladonna.shape"
@@ -56,7 +56,7 @@ def dataset_to_table(dataset: ImageDataset) -> pa.Table:
 def write_split(dataset: ImageDataset, uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write one split to `uri` (any fsspec URI) atomically."""
     atomic_write_bytes(uri, table_to_bytes(dataset_to_table(dataset)), storage_options)
-    logger.info("wrote dataset %r (%d samples) to %s", dataset.name, len(dataset), uri)
+    log.info("wrote dataset %r (%d samples) to %s", dataset.name, len(dataset), uri)
 
 
 def _metadata(table: pa.Table, what: str) -> dict[str, Any]:
@@ -118,5 +118,5 @@ def read_split(uri: str, storage_options: dict[str, Any] | None = None) -> Image
     """Read one split written by `write_split`, verifying its checksum."""
     what = f"dataset file {uri!r}"
     dataset = table_to_dataset(bytes_to_table(read_bytes(uri, storage_options), what), what)
-    logger.debug("read dataset %r (%d samples) from %s", dataset.name, len(dataset), uri)
+    log.debug("read dataset %r (%d samples) from %s", dataset.name, len(dataset), uri)
     return dataset

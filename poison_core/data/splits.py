@@ -19,7 +19,7 @@ from poison_core.errors import DatasetError
 if TYPE_CHECKING:
     from poison_core.config import DatasetConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 Seed = int | Sequence[int]
 
@@ -122,5 +122,5 @@ def finish_splits(cfg: "DatasetConfig", train: ImageDataset, test: ImageDataset,
         base = train.name.rsplit("/", 1)[0]
         train, val = split_dataset(train, cfg.val_fraction, (cfg.seed, VAL_STAGE))
         val = val.replace(name=f"{base}/val")
-    logger.info("dataset %s: %d train, %d test, %d val", cfg.name, len(train), len(test), len(val) if val else 0)
+    log.info("dataset %s: %d train, %d test, %d val", cfg.name, len(train), len(test), len(val) if val else 0)
     return DatasetSplits(train=train, test=test, val=val)

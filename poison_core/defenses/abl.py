@@ -56,7 +56,7 @@ from poison_core.defenses.base import (Defense, DefenseContext, DefenseParams, D
 from poison_core.seeding import derive_seed
 from poison_core.training import LossContext, LossFn, TrainHooks, batch_slices, to_tensor, train_model
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 REFERENCE_WEIGHT_DECAY = 1e-4  # bboylyg/ABL config.py --weight_decay, the unlearning optimizer's
 
@@ -197,7 +197,7 @@ class ABL(Defense):
             found = float(ctx.is_poison[isolated].sum())
             info["isolation_precision"] = found / n_isolated
             info["isolation_recall"] = found / float(ctx.is_poison.sum())
-        logger.info("abl: isolated %d samples %s", n_isolated, info)
+        log.info("abl: isolated %d samples %s", n_isolated, info)
         return DefenseResult(ModelClassifier(model, ctx.device), history=rec.history, info=info)
 
     def _unlearn(self, model: nn.Module, train: ImageDataset, rest: np.ndarray, isolated: np.ndarray,

@@ -47,7 +47,7 @@ from poison_core.defenses.base import (Defense, DefenseContext, DefenseParams, D
                                        register_defense)
 from poison_core.training import batch_slices, learning_rate, make_optimizer, recipe_augment, to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -206,7 +206,7 @@ class DPSGD(Defense):
                           "lr": learning_rate(cfg, epoch * len(batches), len(batches)),
                           "clipped_fraction": clipped_count / len(data), "grad_norm": norm_sum / len(data)}
                 history.append(record)
-                logger.debug("dp_sgd epoch %d/%d loss=%.4g acc=%.3f clipped=%.2f", epoch + 1, cfg.epochs,
+                log.debug("dp_sgd epoch %d/%d loss=%.4g acc=%.3f clipped=%.2f", epoch + 1, cfg.epochs,
                              record["loss"], record["train_acc"], record["clipped_fraction"])
         model.eval()
         return DefenseResult(ModelClassifier(model, device), history=history,

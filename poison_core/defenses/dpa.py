@@ -43,7 +43,7 @@ from poison_core.defenses.base import (Defense, DefenseContext, DefenseParams, D
                                        register_defense)
 from poison_core.seeding import derive_seed
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MIN_PARTITION_SIZE = 2
 REPORT_RADII = (0, 1, 2, 5)
@@ -176,7 +176,7 @@ class DPA(Defense):
             sizes.append(len(members))
             calls.append((victim, train.subset(np.asarray(members, dtype=np.int64)),
                           derive_seed(ctx.seed, "dpa", i), str(ctx.device)))
-        logger.info("dpa: %d partitions of %d..%d samples", k, min(sizes), max(sizes))
+        log.info("dpa: %d partitions of %d..%d samples", k, min(sizes), max(sizes))
         states = _largest_first(ctx.map, calls, sizes)
         models = []
         for state in states:

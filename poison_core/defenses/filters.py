@@ -22,7 +22,7 @@ from torch import nn
 from poison_core.defenses.base import DefenseContext, DefenseParams, FilterDefense, register_defense
 from poison_core.training import to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def feature_model(ctx: DefenseContext) -> nn.Module:

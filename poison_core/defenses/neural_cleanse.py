@@ -78,7 +78,7 @@ from poison_core.defenses.filters import feature_model
 from poison_core.seeding import derive_seed
 from poison_core.training import batch_slices, reestimate_batchnorm, to_tensor, train_model
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MAD_TO_SIGMA = 1.4826
 TANH_EPS = 1e-7  # the authors' K.epsilon(): tanh(w) / (2 - eps) + 0.5 stays inside (0, 1)
@@ -280,7 +280,7 @@ class NeuralCleanse(Defense):
         if ctx.is_poison is not None and ctx.is_poison.any():
             poison_label = int(np.bincount(train.labels[ctx.is_poison]).argmax())
             info["nc_flagged_poison_class"] = float(poison_label in set(flagged.tolist()))
-        logger.info("neural_cleanse: mask L1 norms %s, anomaly indices %s, flagged %s", norms.round(2),
+        log.info("neural_cleanse: mask L1 norms %s, anomaly indices %s, flagged %s", norms.round(2),
                     index.round(2), flagged.tolist())
         history: list[dict] = []
         if len(flagged) and p.mitigation == "unlearning":

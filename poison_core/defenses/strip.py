@@ -49,7 +49,7 @@ from poison_core.defenses.filters import feature_model
 from poison_core.seeding import derive_seed
 from poison_core.training import to_tensor
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MAD_TO_SIGMA = 1.4826  # consistency constant: sigma = 1.4826 * MAD for a normal distribution
 
@@ -149,7 +149,7 @@ class STRIP(FilterDefense):
         entropies = self.entropies(ctx)
         keep, boundary = strip_keep(entropies, p.rule, p.frr, p.removal_fraction)
         stats = {"strip_threshold": boundary, "strip_entropy_median": float(np.median(entropies))}
-        logger.info("strip: boundary %.4f, dropping %d of %d", boundary, int((~keep).sum()), len(keep))
+        log.info("strip: boundary %.4f, dropping %d of %d", boundary, int((~keep).sum()), len(keep))
         return keep, stats
 
     def keep_mask(self, ctx: DefenseContext) -> np.ndarray:

@@ -21,7 +21,7 @@ from torch import nn
 from poison_core.errors import ConfigError
 from poison_core.io import read_bytes
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def load_weights(model: nn.Module, uri: str, field: str = "victim.model.weights") -> None:
@@ -53,5 +53,5 @@ def load_weights(model: nn.Module, uri: str, field: str = "victim.model.weights"
                           f"({len(unexpected)} such)")
     skipped = sorted(set(expected) - set(state))
     model.load_state_dict(state, strict=False)
-    logger.info("initialised %s from %s%s", type(model).__name__, uri,
+    log.info("initialised %s from %s%s", type(model).__name__, uri,
                 f" (kept a fresh {', '.join(skipped)})" if skipped else "")
