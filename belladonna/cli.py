@@ -46,10 +46,14 @@ def _text(config: Optional[Path]) -> str:
 
 
 def _load(config: Optional[Path]):
-    """Validate the config (a YAML file or a preset's name; the quick-start when none is given)."""
+    """Validate the config (a YAML file or a preset's name; the quick-start when none is given), its member
+    names and parameters included (poison_core.members)."""
     from poison_core.config import load_benchmark
+    from poison_core.members import check_names
 
-    return load_benchmark(_source(config))
+    cfg = load_benchmark(_source(config))
+    check_names(cfg)
+    return cfg
 
 
 def _supervise(logs: Path, name: str) -> None:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from poison_core.config import ModelConfig, ModelName, StrictModel
-from poison_core.models import build_model
+from poison_core.config import ModelConfig, StrictModel
+from poison_core.models import ModelName, build_model
 from poison_core.training import to_tensor
 
 log = logging.getLogger(__name__)

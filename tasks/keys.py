@@ -35,6 +35,7 @@ from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, Def
 from poison_core.data import DATASETS
 from poison_core.data.fingerprint import dataset_fingerprint, file_digest
 from poison_core.defenses import DEFENSES
+from poison_core.members import attack_params, defense_params
 from poison_core.models import MODELS
 
 STAGE_RUNNER = "tasks.stages"
@@ -122,7 +123,7 @@ def poison_stage(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: 
     surrogates = ([surrogate_key(cfg, prefix, seed, i) for i in range(cfg.n_surrogates)]
                   if cls.needs_surrogate else [])
     inputs: dict[str, Any] = {"dataset": prefix, "surrogates": surrogates}
-    parsed = attack.parsed_params()
+    parsed = attack_params(attack)
     if hasattr(cls, "input_fingerprint"):
         inputs["files"] = cls(parsed).input_fingerprint()
     params = {"attack": attack.name, "params": parsed.model_dump(mode="json"), "seed": seed,
@@ -147,7 +148,7 @@ def model_stage(cfg: BenchmarkConfig, prefix: str, defense: DefenseConfig, seed:
     if cfg.victim.pretrain is not None:
         inputs["pretrain"] = dataset_fingerprint(cfg.victim.pretrain.dataset)
     params = {"victim": _dump(cfg.victim), "defense": defense.name,
-              "params": defense.parsed_params().model_dump(mode="json"), "seed": seed}
+              "params": defense_params(defense).model_dump(mode="json"), "seed": seed}
     upstream = (prefix,) if poisons is None else (prefix, poisons)
     code = stage_code(_module(DEFENSES, defense.name), _module(MODELS, cfg.victim.model.name))
     return _stage_key(f"models/{file_part(defense.key)}",

@@ -13,12 +13,15 @@ from infra.local_checks import check_prefect_home, check_tracking_db
 from infra.storage import Store, check_local_folder
 from poison_core.config import BenchmarkConfig
 from poison_core.data import DatasetSplits, load_dataset
+from poison_core.members import check_names
 from poison_core.preflight import check_benchmark
 
 
 def preflight(cfg: BenchmarkConfig, store: Store | None = None, run_dir: str | Path | None = None) -> DatasetSplits:
     """Raise one InputError line unless `cfg` can run on its dataset into `store` and `run_dir`;
-    returns the dataset's splits (read once here, so a missing or corrupt file is reported now)."""
+    returns the dataset's splits (read once here, so a missing or corrupt file is reported now). Member
+    names and parameters are checked first (poison_core.members), before any path or file is looked at."""
+    check_names(cfg)
     if run_dir is not None:
         check_local_folder(run_dir, "--out")
         check_tracking_db(run_dir)

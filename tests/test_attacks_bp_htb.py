@@ -24,6 +24,7 @@ from poison_core.poisons import PoisonSet
 from poison_core.training import to_tensor, train_model
 from poison_core.triggers import apply_trigger
 from poison_core.triggers.random_patch import random_patch_pattern
+from poison_core.members import attack_params
 
 SPLITS = load_dataset(DatasetConfig(name="digits", n_train=200, n_test=60, seed=0))
 TRAIN, TEST = SPLITS.train, SPLITS.test
@@ -202,7 +203,7 @@ def test_evaluation_measures_asr_on_the_trigger_source_class_only():
 ])
 def test_bad_params_are_one_line_config_errors(name, bad, field):
     with pytest.raises(ConfigError, match=rf"params of '{name}': {field}: .*\(allowed: ") as info:
-        parse_config(AttackConfig, {"name": name, "params": bad})
+        attack_params(parse_config(AttackConfig, {"name": name, "params": bad}))
     assert "\n" not in str(info.value)
 
 

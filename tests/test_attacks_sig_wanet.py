@@ -16,6 +16,7 @@ from poison_core.poisons import audit, from_parquet_bytes, to_parquet_bytes
 from poison_core.triggers import TRIGGERS, apply_trigger
 from poison_core.triggers.sig import training_spec
 from poison_core.triggers.warp import apply_noise_warp, warp_field
+from poison_core.members import attack_params
 from tests.helpers import tiny_dataset
 
 TRAIN = tiny_dataset(n=200, k=5)
@@ -145,7 +146,7 @@ def test_non_default_params_repeat_under_a_seed(name, params, threat):
 ])
 def test_bad_parameter_is_one_config_error_line(name, params, message):
     with pytest.raises(ConfigError, match=message) as info:
-        parse_config(AttackConfig, {"name": name, "params": params})
+        attack_params(parse_config(AttackConfig, {"name": name, "params": params}))
     assert "\n" not in str(info.value)
 
 

@@ -7,10 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poison_core.config import DatasetConfig
+from poison_core.config import BenchmarkConfig, DatasetConfig
 from poison_core.data import DATASETS, ImageDataset, load_dataset, split_dataset, subsample
 from poison_core.data.splits import allocate
 from poison_core.errors import ConfigError, DatasetError
+from poison_core.members import check_names
 
 
 def make_dataset(counts: list[int], seed: int = 0) -> ImageDataset:
@@ -150,5 +151,5 @@ def test_digits_n_train_too_large_names_field() -> None:
 def test_registry_lists_loaders_and_config_validates_name() -> None:
     assert {"digits", "fashion-mnist", "cifar10", "imagefolder", "parquet"} <= set(DATASETS.names())
     assert DATASETS.entry("digits").summary
-    with pytest.raises((ConfigError, KeyError), match="unknown dataset 'nope'"):
-        DatasetConfig(name="nope")
+    with pytest.raises(ConfigError, match="^dataset.name: unknown dataset 'nope'"):
+        check_names(BenchmarkConfig(name="t", dataset=DatasetConfig(name="nope"), attacks=[{"name": "label_flip"}]))

@@ -19,6 +19,7 @@ from poison_core.defenses.trimmed_loss import trimmed_mean
 from poison_core.errors import ConfigError
 from poison_core.models import build_model
 from poison_core.training import train_model
+from poison_core.members import defense_params
 from tests.helpers import tiny_dataset
 
 MLP = VictimConfig(model=ModelConfig(name="mlp", width=16), train=TrainConfig(epochs=1, batch_size=32))
@@ -93,7 +94,7 @@ BAD_PARAMS = [
 @pytest.mark.parametrize(("name", "field", "value"), BAD_PARAMS, ids=[f"{n}.{f}={v}" for n, f, v in BAD_PARAMS])
 def test_out_of_range_parameter_is_a_one_line_error_naming_field_and_range(name, field, value):
     with pytest.raises(ConfigError, match=rf"params of '{name}': {field}: .*\(allowed: .*{field}.*; got ") as err:
-        parse_config(DefenseConfig, {"name": name, "params": {field: value}})
+        defense_params(parse_config(DefenseConfig, {"name": name, "params": {field: value}}))
     assert "\n" not in str(err.value)
     with pytest.raises(ValidationError, match=field):
         make_defense(name, {field: value})
@@ -101,9 +102,9 @@ def test_out_of_range_parameter_is_a_one_line_error_naming_field_and_range(name,
 
 def test_unknown_parameter_and_unknown_choice_are_refused():
     with pytest.raises(ConfigError, match="params of 'abl': gama: Extra inputs are not permitted"):
-        parse_config(DefenseConfig, {"name": "abl", "params": {"gama": 0.5}})
+        defense_params(parse_config(DefenseConfig, {"name": "abl", "params": {"gama": 0.5}}))
     with pytest.raises(ConfigError, match="reduction: Input should be 'ica' or 'pca'"):
-        parse_config(DefenseConfig, {"name": "activation_clustering", "params": {"reduction": "lda"}})
+        defense_params(parse_config(DefenseConfig, {"name": "activation_clustering", "params": {"reduction": "lda"}}))
 
 
 def test_paper_defaults():

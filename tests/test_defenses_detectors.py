@@ -22,6 +22,7 @@ from poison_core.defenses.strip import (normalized_entropy, overlay_indices, rob
 from poison_core.errors import ConfigError
 from poison_core.models import build_model
 from poison_core.training import train_model
+from poison_core.members import defense_params
 from tests.helpers import tiny_dataset
 
 CPU = torch.device("cpu")
@@ -50,9 +51,9 @@ def test_detectors_report_their_detection_info(name, victim):
 
 def test_unknown_choices_are_refused():
     with pytest.raises(ConfigError, match="blend: Input should be 'add' or 'linear'"):
-        parse_config(DefenseConfig, {"name": "strip", "params": {"blend": "max"}})
+        defense_params(parse_config(DefenseConfig, {"name": "strip", "params": {"blend": "max"}}))
     with pytest.raises(ConfigError, match="mitigation: Input should be 'unlearning' or 'none'"):
-        parse_config(DefenseConfig, {"name": "neural_cleanse", "params": {"mitigation": "pruning"}})
+        defense_params(parse_config(DefenseConfig, {"name": "neural_cleanse", "params": {"mitigation": "pruning"}}))
 
 
 def test_paper_defaults():

@@ -24,6 +24,7 @@ from poison_core.defenses.ueraser import (channel_shuffle, max_over_repeats, pla
 from poison_core.errors import ConfigError
 from poison_core.models import build_model
 from poison_core.training import to_tensor
+from poison_core.members import defense_params
 from tests.helpers import tiny_dataset
 
 MLP = VictimConfig(model=ModelConfig(name="mlp", width=16), train=TrainConfig(epochs=1, batch_size=32))
@@ -42,7 +43,7 @@ def _predict(name, params=None, **kw):
 
 def test_grayscale_has_no_parameters_and_defaults_are_the_papers():
     with pytest.raises(ConfigError, match="params of 'iss_grayscale': quality: Extra inputs are not permitted"):
-        parse_config(DefenseConfig, {"name": "iss_grayscale", "params": {"quality": 10}})
+        defense_params(parse_config(DefenseConfig, {"name": "iss_grayscale", "params": {"quality": 10}}))
     assert make_defense("iss_jpeg").params.quality == 10
     assert make_defense("ueraser").params.repeats == 5 and make_defense("ueraser").params.adversarial_fraction == 1
     dp = make_defense("dp_sgd").params

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from poison_core.config import BenchmarkConfig, ThreatModel, load_benchmark, parse_config
 from poison_core.errors import ConfigError, UnknownNameError
+from poison_core.members import check_names
 from poison_core.registry import Registry
 
 GOOD = """
@@ -49,8 +50,6 @@ def test_threat_model_max_poisons():
     ("threat: {budget: 0}", r"^threat\.budget: .*greater than 0 \(allowed: 0 < budget <= 1; got 0\)"),
     ("threat: {budget: 1.5}", r"^threat\.budget: .*less than or equal to 1"),
     ("threat: {radius: 3}", r"^threat\.radius: Extra inputs are not permitted"),
-    ("victim: {model: {name: alexnet}}", r"unknown model 'alexnet'; known: .*convnet"),
-    ("dataset: {name: imagenet}", r"unknown dataset 'imagenet'; known: .*digits"),
     ("victim: {train: {epochs: 0}}", r"^victim\.train\.epochs: .*allowed: 1 <= epochs <= 1000"),
     ("seeds: [1, 1]", r"^seeds: seeds must be distinct"),
 ])
@@ -60,13 +59,40 @@ def test_bad_fields_give_one_line_naming_field(patch, expected):
     assert "\n" not in str(info.value)
 
 
+def _checked(text: str) -> BenchmarkConfig:
+    cfg = load_benchmark(text)
+    check_names(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ("victim: {model: {name: alexnet}}", r"^victim\.model\.name: unknown model 'alexnet'; known: .*convnet"),
+    ("surrogate: {model: {name: alexnet}}", r"^surrogate\.model\.name: unknown model 'alexnet'; known: .*convnet"),
+    ("dataset: {name: imagenet}", r"^dataset\.name: unknown dataset 'imagenet'; known: .*digits"),
+    ("victim: {protocol: transfer, pretrain: {dataset: {name: imagenet}}}",
+     r"^victim\.pretrain\.dataset\.name: unknown dataset 'imagenet'"),
+    ("defenses: [{name: shield}]", r"^defenses\.0\.name: unknown defense 'shield'; known: .*none"),
+])
+def test_unknown_names_are_found_at_preflight_naming_the_field(patch, expected):
+    cfg = load_benchmark(GOOD + patch + "\n")  # the schema alone does not know the registries
+    with pytest.raises(ConfigError, match=expected) as info:
+        check_names(cfg)
+    assert "\n" not in str(info.value)
+
+
 def test_unknown_attack_and_bad_params():
-    with pytest.raises(ConfigError, match=r"unknown attack 'frogs'; known: .*badnets.*label_flip"):
-        load_benchmark("name: t\nattacks: [{name: frogs}]\n")
+    with pytest.raises(ConfigError, match=r"^attacks\.0\.name: unknown attack 'frogs'; known: .*badnets.*label_flip"):
+        _checked("name: t\nattacks: [{name: frogs}]\n")
     with pytest.raises(ConfigError, match=r"^attacks\.0: params of 'badnets': patch_size: .*allowed: 1 <= patch_size <= 64"):
-        load_benchmark("name: t\nattacks: [{name: badnets, params: {patch_size: 0}}]\n")
+        _checked("name: t\nattacks: [{name: badnets, params: {patch_size: 0}}]\n")
     with pytest.raises(ConfigError, match=r"params of 'label_flip': mode: "):
-        load_benchmark("name: t\nattacks: [{name: label_flip, params: {mode: sideways}}]\n")
+        _checked("name: t\nattacks: [{name: label_flip, params: {mode: sideways}}]\n")
+    with pytest.raises(ConfigError, match=r"^attacks\.1: params of 'tue': model: .*unknown model 'alexnet'"):
+        _checked("name: t\nattacks: [{name: label_flip}, {name: tue, params: {model: alexnet}}]\n")
+    with pytest.raises(ConfigError, match=r"^attacks\.0\.params\.pretrain\.dataset\.name: unknown dataset 'imagenet'"):
+        _checked("name: t\nattacks: [{name: unlearnable_clusters, params: {encoder_source: pretrained, "
+                 "pretrain: {dataset: {name: imagenet}}}}]\n")
+    _checked(GOOD)  # and a good config passes
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

@@ -73,8 +73,8 @@ from poison_core.attacks._pgd import choose_positions, sign_descent, torch_gener
 from poison_core.perturbation import clip_unit, project_linf, quantize, to_unit
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.checkpoint import Checkpointer, LoopState, resume_loop, save_loop
-from poison_core.config import ModelConfig, ModelName
-from poison_core.models import build_model
+from poison_core.config import ModelConfig
+from poison_core.models import ModelName, build_model
 from poison_core.training import batch_slices, to_tensor
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from poison_core.attacks._pgd import choose_positions, sign_descent, torch_gener
 from poison_core.perturbation import project_linf, quantize, to_unit
 from poison_core.simclr import build_encoder, shuffled_batches, simclr_loss, simclr_optimizer, simclr_step
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
-from poison_core.config import ModelName
+from poison_core.models import ModelName
 from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
 

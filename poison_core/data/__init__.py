@@ -8,7 +8,7 @@
 
 Registered loaders: digits (embedded default), fashion-mnist, cifar10, imagefolder, parquet.
 `DATASETS` lives in poison_core.data.registry, which the loader modules register into; nothing here
-imports poison_core.config at import time (config imports this package lazily).
+imports poison_core.config at import time, and config never imports this package (names are checked by poison_core.members).
 """
 
 from poison_core.data.registry import DATASETS

@@ -5,10 +5,10 @@ with ``@MODELS.register`` (importing ``MODELS`` and ``Classifier`` from ``poison
 and is imported below.
 """
 
-from poison_core.models.base import MIN_IMAGE_SIZE, MODELS, Classifier, ModelBuilder, build_model
+from poison_core.models.base import MIN_IMAGE_SIZE, MODELS, Classifier, ModelBuilder, ModelName, build_model
 from poison_core.models import convnet, mlp, mobilenet, resnet, vgg  # noqa: F401  (registers members)
 from poison_core.models.adapter import as_builder
 
 MODELS.adapt = as_builder  # any nn.Module constructor taking num_classes becomes a builder
 
-__all__ = ["MIN_IMAGE_SIZE", "MODELS", "Classifier", "ModelBuilder", "build_model"]
+__all__ = ["MIN_IMAGE_SIZE", "MODELS", "Classifier", "ModelBuilder", "ModelName", "build_model"]

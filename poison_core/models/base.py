@@ -13,12 +13,13 @@ dropout, so training is deterministic given the seed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
-from poison_core.errors import ConfigError
+from poison_core.errors import ConfigError, InputError
 from poison_core.registry import Registry
 
 if TYPE_CHECKING:
@@ -57,6 +58,19 @@ class Classifier(nn.Module):
 
 MODELS: Registry[ModelBuilder] = Registry("model", group="belladonna.models")
 MODELS.check = lambda obj: None if callable(obj) else f"{obj!r} is not a model builder or constructor"
+
+
+def _registered_model(name: str) -> str:
+    try:
+        MODELS.entry(name)
+    except InputError as exc:  # pydantic names the field of a ValueError
+        raise ValueError(str(exc)) from None
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_registered_model)]
+"""A name in the model registry, checked when the model holding it validates: the architecture that an
+attack's parameters name (the benchmark's own models are checked by poison_core.members at preflight)."""
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
