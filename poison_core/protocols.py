@@ -150,16 +150,13 @@ def source_state(victim: VictimConfig, image_shape: tuple[int, int, int]) -> dic
 
 def ssl_state(victim: VictimConfig, data: ImageDataset, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     """The body of a SimCLR encoder of the victim architecture trained on `data.images` (no labels)."""
-    from poison_core.simclr import SimCLRParams, fit_simclr_encoder
+    from poison_core.simclr import fit_simclr_encoder
 
-    ssl = victim.ssl
-    params = SimCLRParams(model=victim.model.name, width=victim.model.width, projection_dim=ssl.projection_dim,
-                          temperature=ssl.temperature, epochs=ssl.epochs, batch_size=ssl.batch_size, lr=ssl.lr)
     ssl_seed = derive_seed(seed, "ssl")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ssl_seed)
         gen = torch.Generator(device=device).manual_seed(ssl_seed)
-        encoder = fit_simclr_encoder(data.images, params, num_classes=data.num_classes,
+        encoder = fit_simclr_encoder(data.images, victim.ssl, victim.model, num_classes=data.num_classes,
                                      rng=np.random.default_rng(ssl_seed), gen=gen, device=device)
     return {k: v.detach() for k, v in encoder.backbone.state_dict().items() if not k.startswith("head.")}
 

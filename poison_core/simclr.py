@@ -6,17 +6,17 @@ ICML 2020): two random views of every image go through an encoder f and a projec
 the NT-Xent loss (their Eq. 1) pulls the two views of an image together against the other 2N - 2
 views of the batch. No label is used anywhere in this module.
 
-Views follow the augmentation of Ren et al.'s TUE code (github:renjie3/TUE, utils.py
-`train_diff_transform` / `train_transform_no_totensor`, the SimCLR recipe): RandomResizedCrop
-(scale 0.08-1, ratio 3/4-4/3), horizontal flip p = 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) applied
-with p = 0.8 and RandomGrayscale p = 0.2. They are written here as differentiable tensor ops so that
-a perturbation under optimisation receives gradients through them: crop + flip is one bilinear affine
-warp per image; the jitter applies brightness, contrast, saturation and hue in that fixed order
-(torchvision shuffles the order); hue is a rotation of the chroma plane in YIQ space (an
-approximation of torchvision's HSV hue shift). On one-channel images saturation, hue and greyscale
-are identities, so only brightness and contrast are applied. The projection head is the reference's
-`simclr_model.Model.g`: Linear (no bias) - BatchNorm - ReLU - Linear, then L2 normalisation; the
-optimiser is the reference's Adam(lr 1e-3, weight decay 1e-6).
+Settings (head size, temperature, recipe, views) are :class:`poison_core.config.SimCLRConfig`, one config
+for every user, with the defaults of Ren et al.'s TUE code (github:renjie3/TUE) and its views, the
+SimCLR paper's CIFAR-10 augmentation: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), horizontal flip
+p = 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) applied with p = 0.8 and RandomGrayscale p = 0.2. They are
+written here as differentiable tensor ops so that a perturbation under optimisation receives gradients
+through them: crop + flip is one bilinear affine warp per image; the jitter applies brightness, contrast,
+saturation and hue in that fixed order (torchvision shuffles the order); hue is a rotation of the chroma
+plane in YIQ space (an approximation of torchvision's HSV hue shift). On one-channel images saturation,
+hue and greyscale are identities, so only brightness and contrast are applied. The projection head is
+the reference's `simclr_model.Model.g`: Linear (no bias) - BatchNorm - ReLU - Linear, then L2
+normalisation; the optimiser is the reference's Adam (lr and weight decay from the config).
 """
 
 from __future__ import annotations
@@ -30,24 +30,23 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from poison_core.config import ModelConfig, StrictModel
+from poison_core.config import ModelConfig, SimCLRConfig, SimCLRViews
 from poison_core.models import ModelName, build_model
 from poison_core.training import to_tensor
 
 log = logging.getLogger(__name__)
 
 
-class SimCLRParams(StrictModel):
-    """A label-free SimCLR encoder: backbone from the model registry, head and recipe of TUE's code
-    (feature_dim 128, temperature 0.5, batch 512, Adam lr 1e-3; 40 epochs as in its SimCLR demo)."""
+class SimCLREncoderConfig(SimCLRConfig):
+    """SimCLR's settings plus the backbone, for the attacks that build their own label-free encoder (TUE,
+    Unlearnable Clusters): an architecture from the model registry, at `width`. The SimCLR defaults are
+    :class:`poison_core.config.SimCLRConfig`'s, unchanged."""
 
     model: ModelName = "convnet"
     width: int | None = Field(None, ge=1, le=1024)
-    projection_dim: int = Field(128, ge=2, le=4096)
-    temperature: float = Field(0.5, gt=0, le=10)
-    epochs: int = Field(40, ge=1, le=10_000)
-    batch_size: int = Field(512, ge=4, le=65_536)
-    lr: float = Field(1e-3, gt=0, le=10)
+
+    def backbone(self) -> ModelConfig:
+        return ModelConfig(name=self.model, width=self.width)
 
 
 class ContrastiveEncoder(nn.Module):
@@ -77,8 +76,9 @@ def build_encoder(model: str, width: int | None, projection_dim: int, image_shap
         return ContrastiveEncoder(backbone, projection_dim).to(device)
 
 
-def simclr_optimizer(encoder: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(encoder.parameters(), lr=lr, weight_decay=1e-6)
+def simclr_optimizer(encoder: nn.Module, cfg: SimCLRConfig) -> torch.optim.Optimizer:
+    """The reference's optimiser: Adam at the config's lr and weight decay."""
+    return torch.optim.Adam(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> list[np.ndarray]:
@@ -92,8 +92,8 @@ def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> list[np.n
 
 
 def resized_crop_flip(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """RandomResizedCrop + RandomHorizontalFlip(0.5) as one bilinear affine warp per image."""
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> torch.Tensor:
+    """RandomResizedCrop + RandomHorizontalFlip(flip_p) as one bilinear affine warp per image."""
     n, device = len(x), x.device
     rand = torch.rand((n, 5), generator=gen, device=device)
     area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
@@ -101,7 +101,7 @@ def resized_crop_flip(x: torch.Tensor, gen: torch.Generator, scale: tuple[float,
     aspect = torch.exp(log_r)
     w_frac = torch.sqrt(area * aspect).clamp(max=1.0)
     h_frac = torch.sqrt(area / aspect).clamp(max=1.0)
-    flip = torch.where(rand[:, 2] < 0.5, -1.0, 1.0)
+    flip = torch.where(rand[:, 2] < flip_p, -1.0, 1.0)
     theta = torch.zeros((n, 2, 3), device=device)
     theta[:, 0, 0], theta[:, 1, 1] = w_frac * flip, h_frac
     theta[:, 0, 2] = (rand[:, 3] * 2 - 1) * (1 - w_frac)
@@ -153,9 +153,13 @@ def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> t
     return torch.where(pick, _gray(x).expand_as(x), x)
 
 
-def simclr_views(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def simclr_views(x: torch.Tensor, gen: torch.Generator, views: SimCLRViews = SimCLRViews()) -> torch.Tensor:
     """One random SimCLR view of every image of the NCHW batch on [0, 1] (see the module docstring)."""
-    return random_grayscale(color_jitter(resized_crop_flip(x, gen), gen), gen)
+    brightness, contrast, saturation, hue = views.jitter_factors()
+    out = resized_crop_flip(x, gen, scale=(views.crop_min_scale, 1.0), flip_p=views.flip)
+    out = color_jitter(out, gen, p=views.jitter, brightness=brightness, contrast=contrast, saturation=saturation,
+                       hue=hue)
+    return random_grayscale(out, gen, p=views.grayscale)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -168,31 +172,31 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, positives)
 
 
-def simclr_loss(encoder: nn.Module, x: torch.Tensor, gen: torch.Generator, temperature: float) -> torch.Tensor:
+def simclr_loss(encoder: nn.Module, x: torch.Tensor, gen: torch.Generator, cfg: SimCLRConfig) -> torch.Tensor:
     """NT-Xent of two independent views of the batch `x`."""
-    return nt_xent(encoder(simclr_views(x, gen)), encoder(simclr_views(x, gen)), temperature)
+    return nt_xent(encoder(simclr_views(x, gen, cfg.views)), encoder(simclr_views(x, gen, cfg.views)), cfg.temperature)
 
 
 def simclr_step(encoder: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, gen: torch.Generator,
-                temperature: float) -> float:
+                cfg: SimCLRConfig) -> float:
     """One train-mode optimiser step of the encoder on the batch `x`; returns the loss."""
     encoder.train()
-    loss = simclr_loss(encoder, x, gen, temperature)
+    loss = simclr_loss(encoder, x, gen, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
 
-def fit_simclr_encoder(images: np.ndarray, params: SimCLRParams, *, num_classes: int, rng: np.random.Generator,
-                       gen: torch.Generator, device: torch.device) -> ContrastiveEncoder:
-    """Train a SimCLR encoder on uint8 NHWC `images` (no labels) for `params.epochs` shuffled epochs;
-    returned in eval mode."""
-    encoder = build_encoder(params.model, params.width, params.projection_dim, images.shape[1:], num_classes,
-                            rng, device)
-    optimizer = simclr_optimizer(encoder, params.lr)
-    for epoch in range(params.epochs):
-        losses = [simclr_step(encoder, optimizer, to_tensor(images[b], device), gen, params.temperature)
-                  for b in shuffled_batches(len(images), params.batch_size, gen)]
-        log.info("simclr encoder epoch %d/%d: mean loss %.4f", epoch + 1, params.epochs, float(np.mean(losses)))
+def fit_simclr_encoder(images: np.ndarray, cfg: SimCLRConfig, backbone: ModelConfig, *, num_classes: int,
+                       rng: np.random.Generator, gen: torch.Generator, device: torch.device) -> ContrastiveEncoder:
+    """Train a SimCLR encoder with a `backbone` body on uint8 NHWC `images` (no labels) for `cfg.epochs`
+    shuffled epochs; returned in eval mode."""
+    encoder = build_encoder(backbone.name, backbone.width, cfg.projection_dim, images.shape[1:], num_classes, rng,
+                            device)
+    optimizer = simclr_optimizer(encoder, cfg)
+    for epoch in range(cfg.epochs):
+        losses = [simclr_step(encoder, optimizer, to_tensor(images[b], device), gen, cfg)
+                  for b in shuffled_batches(len(images), cfg.batch_size, gen)]
+        log.info("simclr encoder epoch %d/%d: mean loss %.4f", epoch + 1, cfg.epochs, float(np.mean(losses)))
     return encoder.eval()

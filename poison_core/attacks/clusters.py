@@ -49,7 +49,7 @@ from torch import nn
 from poison_core.attacks._augment import default_shift, random_shift_flip
 from poison_core.attacks._pgd import choose_positions, frozen, torch_generator
 from poison_core.perturbation import clip_unit, quantize, to_unit
-from poison_core.simclr import SimCLRParams, fit_simclr_encoder, shuffled_batches
+from poison_core.simclr import SimCLREncoderConfig, fit_simclr_encoder, shuffled_batches
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.config import ModelConfig, PretrainConfig, VictimConfig
 from poison_core.errors import ConfigError
@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 class ClustersParams(AttackParams):
     """Defaults: the authors' stage_1.yaml and main.py (target_offset 1, 50 epochs, a 6-block ResNet
     generator at lr 1e-4, its Tanh output clamped to +-eps); lr None: 1e-4 for the ResNet generator, 0.01
-    for the conv one; `encoder`: the label-free SimCLR encoder whose features are clustered."""
+    for the conv one; `encoder`: the label-free SimCLR encoder whose features are clustered, with SimCLR's
+    settings of :class:`poison_core.config.SimCLRConfig` unchanged (the authors cluster the features of a
+    pretrained ResNet-50 or CLIP, so their code has no SimCLR recipe to follow)."""
 
     n_clusters: int | None = Field(None, ge=2, le=10_000)
     target_offset: int = Field(1, ge=1, le=10_000)
@@ -74,7 +76,7 @@ class ClustersParams(AttackParams):
     generator_width: int = Field(16, ge=1, le=512)
     batch_size: int = Field(256, ge=1, le=65_536)
     augment: bool = True
-    encoder: SimCLRParams = Field(default_factory=SimCLRParams)
+    encoder: SimCLREncoderConfig = SimCLREncoderConfig()
     encoder_source: Literal["simclr", "pretrained"] = "simclr"
     encoder_model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig | None = None
@@ -221,8 +223,8 @@ class UnlearnableClusters(Attack):
         if p.encoder_source == "pretrained":
             model = pretrained_encoder(p, train.image_shape, train.num_classes, ctx.device)
         else:
-            model = fit_simclr_encoder(images, p.encoder, num_classes=train.num_classes, rng=rng, gen=gen,
-                                       device=ctx.device)
+            model = fit_simclr_encoder(images, p.encoder, p.encoder.backbone(), num_classes=train.num_classes,
+                                       rng=rng, gen=gen, device=ctx.device)
         with frozen([model]):
             feats = encoder_features(model, images, ctx.device)
             kmeans = KMeans(n_clusters=k, n_init=4, random_state=int(rng.integers(2**31))).fit(feats.cpu().numpy())

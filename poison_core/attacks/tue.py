@@ -42,33 +42,29 @@ from pydantic import Field
 
 from poison_core.attacks._pgd import choose_positions, sign_descent, torch_generator
 from poison_core.perturbation import project_linf, quantize, to_unit
-from poison_core.simclr import build_encoder, shuffled_batches, simclr_loss, simclr_optimizer, simclr_step
+from poison_core.simclr import (SimCLREncoderConfig, build_encoder, shuffled_batches, simclr_loss, simclr_optimizer,
+                                simclr_step)
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
-from poison_core.models import ModelName
 from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
 
 log = logging.getLogger(__name__)
 
 
-class TUEParams(AttackParams):
-    """Defaults: demo.sh's SimCLR command of Ren et al.'s code (see the module docstring); the encoder
-    head and recipe (feature_dim 128, temperature 0.5, Adam lr 1e-3) are its ssl_perturbation.py's."""
+class TUEParams(AttackParams, SimCLREncoderConfig):
+    """Defaults: demo.sh's SimCLR command of Ren et al.'s code (see the module docstring). The encoder's
+    settings (model, width, projection_dim, temperature, lr, weight_decay, views) are SimCLR's, from
+    :class:`poison_core.config.SimCLRConfig`, whose defaults are this code's own (feature_dim 128,
+    temperature 0.5, Adam lr 1e-3), unchanged; as in the reference, one `epochs` (40) and one `batch_size`
+    (512) drive both the encoder's steps and the noise's sweeps."""
 
-    model: ModelName = "convnet"
-    width: int | None = Field(None, ge=1, le=1024)
-    projection_dim: int = Field(128, ge=2, le=4096)
-    temperature: float = Field(0.5, gt=0, le=10)
     ssl_weight: float = Field(0.0, ge=0, le=1000)
     csd_weight: float = Field(0.1, ge=0, le=1000)
-    epochs: int = Field(40, ge=1, le=10_000)
     train_steps: int = Field(20, ge=1, le=100_000)
     steps: int = Field(20, ge=1, le=10_000)
     step_size: float = Field(0.8, gt=0, le=255)
     step_fraction: float | None = Field(None, gt=0, le=1)
     random_start: bool = True
-    batch_size: int = Field(512, ge=4, le=65_536)
-    lr: float = Field(1e-3, gt=0, le=10)
 
 
 def csd(delta: torch.Tensor, labels: torch.Tensor, *, radius_grad: bool = False) -> torch.Tensor:
@@ -144,7 +140,7 @@ class TransferableUnlearnable(Attack):
         if p.ssl_weight > 0:  # with ssl_weight 0 the encoder cannot influence the noise (see the docstring)
             encoder = build_encoder(p.model, p.width, p.projection_dim, train.image_shape, train.num_classes,
                                     rng, device)
-            optimizer = simclr_optimizer(encoder, p.lr)
+            optimizer = simclr_optimizer(encoder, p)
         gen = torch_generator(rng, device)
         height, width, channels = train.image_shape
         noise = torch.zeros((len(pos), channels, height, width), device=device)
@@ -158,7 +154,7 @@ class TransferableUnlearnable(Attack):
                     encoder.requires_grad_(True)
                     for batch in train_batches[start:start + p.train_steps]:
                         x = (to_tensor(images[batch], device) + noise[batch]).clamp(0.0, 1.0)
-                        simclr_step(encoder, optimizer, x, gen, p.temperature)
+                        simclr_step(encoder, optimizer, x, gen, p)
                     encoder.eval()
                     encoder.requires_grad_(False)
                 last_csd = self._sweep(encoder, images, labels, noise, radius, gen, device)
@@ -179,7 +175,7 @@ class TransferableUnlearnable(Attack):
             def objective(delta: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                 loss = p.csd_weight * csd(delta, y)
                 if encoder is not None:
-                    loss = loss + p.ssl_weight * simclr_loss(encoder, (x + delta).clamp(0.0, 1.0), gen, p.temperature)
+                    loss = loss + p.ssl_weight * simclr_loss(encoder, (x + delta).clamp(0.0, 1.0), gen, p)
                 return loss
 
             noise[idx] = sign_descent(noise[idx], objective, steps=p.steps, step_size=noise_step(p, radius),
