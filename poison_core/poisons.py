@@ -33,6 +33,7 @@ from poison_core.config import BenchmarkConfig, ThreatModel
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import AuditError, DatasetError
 from poison_core.limits import check_image_shape
+from poison_core.threat import answering_threats
 from poison_core.io import (atomic_write_bytes, bytes_to_table, column_to_images, images_to_column,
                             read_bytes, table_to_bytes)
 
@@ -281,17 +282,12 @@ def read_poison_set(uri: str, train: ImageDataset, threat: ThreatModel,
 def audit_file(uri: str, train: ImageDataset, cfg: BenchmarkConfig,
                storage_options: dict[str, Any] | None = None) -> tuple[PoisonSet, ThreatModel]:
     """Audit a PoisonSet file against the threat model `cfg` gives the attack that produced it (the
-    attack named in its provenance); returns it with that threat model. With several attacks of that
-    name in `cfg`, the file passes if it is a valid poison under one of their threat models."""
+    attack named in its provenance; poison_core.threat decides); returns it with that threat model. With
+    several attacks of that name in `cfg`, the file passes if it is a valid poison under one of their
+    threat models."""
     poison_set = from_parquet_bytes(read_bytes(uri, storage_options), what=str(uri))
-    name = poison_set.provenance.get("attack")
-    candidates = [a for a in cfg.attacks if a.name == name]
-    if not candidates:
-        known = ", ".join(sorted({a.name for a in cfg.attacks}))
-        raise AuditError(f"{uri}: made by attack {name!r}, which benchmark {cfg.name!r} does not run "
-                         f"(it runs: {known}); there is no threat model to audit it against")
     failures = []
-    for threat in dict.fromkeys(cfg.threat_for(a) for a in candidates):
+    for threat in answering_threats(cfg, poison_set.provenance.get("attack"), what=str(uri)):
         try:
             audit(poison_set, train, threat)
             return poison_set, threat

@@ -35,6 +35,7 @@ from poison_core.models.io import check_safetensors, load_state, save_model, sta
 from poison_core.errors import AuditError, InputError
 from poison_core.poisons import PoisonSet
 from poison_core.protocols import relabelled
+from poison_core.threat import answering_threats
 from tasks import keys
 from tasks.keys import StageKey, poison_key, surrogate_key
 from tasks.keys import dataset_prefix, model_key  # noqa: F401  (re-exported: callers name stage keys here)
@@ -198,12 +199,13 @@ def load_surrogates(store: Store, cfg: BenchmarkConfig, prefix: str, seed: int, 
 
 
 def expected_threat(cfg: BenchmarkConfig, prefix: str, key: str) -> ThreatModel:
-    """The threat model a reader of the PoisonSet at `key` holds it to: that of the attack of `cfg`
-    whose poison key (for one of the seeds) it is. A key that is no poison key of this config is an
-    AuditError: the reader has no threat model to audit it against."""
+    """The threat model a reader of the PoisonSet at `key` holds it to: that of the grid member of `cfg`
+    whose poison key (for one of the seeds) it is, as poison_core.threat decides for every reader. A key
+    that is no poison key of this config is an AuditError: the reader has no threat model to audit it against."""
     for attack in cfg.attacks:
         if any(poison_key(cfg, prefix, attack, seed) == key for seed in cfg.seeds):
-            return cfg.threat_for(attack)
+            (threat,) = answering_threats(cfg, attack.name, member=attack.key, what=key)
+            return threat
     raise AuditError(f"{key!r} is not the PoisonSet of any attack and seed of benchmark {cfg.name!r}")
 
 
