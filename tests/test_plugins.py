@@ -22,6 +22,7 @@ from poison_core.config import load_benchmark
 from poison_core.contract import ContractError, check_member
 from poison_core.data import load_dataset
 from poison_core.errors import ConfigError, PluginError, UnknownNameError
+from poison_core.members import check_names
 from poison_core.protocols import build_victim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,9 +148,9 @@ def test_members_by_import_string_and_unknown_ones():
     plain = load_benchmark("name: s\nattacks: [{name: 'tests.plugin_members:Halves'}]\nthreat: {epsilon: 0}\n")
     assert keys.poison_key(plain, prefix, plain.attacks[0], 0).startswith("poisons/tests.plugin_members_Halves-")
     with pytest.raises(ConfigError, match="cannot import 'Nothing' from 'tests.plugin_members'"):
-        load_benchmark("name: s\nattacks: [{name: 'tests.plugin_members:Nothing'}]\n")
+        check_names(load_benchmark("name: s\nattacks: [{name: 'tests.plugin_members:Nothing'}]\n"))
     with pytest.raises(ConfigError, match="is not an Attack subclass"):
-        load_benchmark("name: s\nattacks: [{name: 'tests.plugin_members:median'}]\n")
+        check_names(load_benchmark("name: s\nattacks: [{name: 'tests.plugin_members:median'}]\n"))
     from poison_core.attacks import ATTACKS
 
     with pytest.raises(UnknownNameError):

@@ -14,28 +14,18 @@ from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from poison_core.checkpoint import Checkpointer
-from poison_core.config import ThreatModel, TrainConfig
+from poison_core.config import StrictModel, ThreatModel, TrainConfig
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import ConfigError
 from poison_core.poisons import PoisonSet, audit
 from poison_core.registry import Registry
-from poison_core.strict_numbers import refuse_bools
 
 
-class AttackParams(BaseModel):
-    """Base of every attack's parameter model: frozen, unknown keys forbidden."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, data: Any) -> Any:
-        """``true`` is not 1: a bool where a number is meant is refused (poison_core.strict_numbers)."""
-        return refuse_bools(cls, data)
+class AttackParams(StrictModel):
+    """Base of every attack's parameter model: a StrictModel (frozen, unknown keys forbidden, no bools for numbers)."""
 
 
 class ActorGroup(Protocol):

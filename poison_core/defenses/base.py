@@ -13,25 +13,15 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
-from poison_core.config import VictimConfig
+from poison_core.config import StrictModel, VictimConfig
 from poison_core.data.dataset import ImageDataset
 from poison_core.registry import Registry
-from poison_core.strict_numbers import refuse_bools
 
 
-class DefenseParams(BaseModel):
-    """Base of every defense's parameter model: frozen, unknown keys forbidden."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, data: Any) -> Any:
-        """``true`` is not 1: a bool where a number is meant is refused (poison_core.strict_numbers)."""
-        return refuse_bools(cls, data)
+class DefenseParams(StrictModel):
+    """Base of every defense's parameter model: a StrictModel (frozen, unknown keys forbidden, no bools for numbers)."""
 
 
 class Predictor(Protocol):
