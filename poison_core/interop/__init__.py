@@ -12,8 +12,10 @@ Formats (one module each; pure numpy / PIL / pickle, no orchestration imports):
   mode ``numpy`` (the whole poisoned training set as ``poisoned_training_data.npy`` and
   ``poisoned_training_labels.npy``) and mode ``full`` (an ImageFolder tree ``train/<class>/<idx>.png``,
   ``test/<class>/<idx>.png``, ``targets/<intended class>/<idx>.png``; ``limited`` trees, which hold
-  only the poisoned training images, read the same way). Mode ``packed`` is a torch pickle of
-  normalised float deltas, not a plain format: it is not read.
+  only the poisoned training images, read the same way).
+* ``forest-packed`` (:mod:`.forest_packed`): forest's mode ``packed``, ``torch.save([poison_delta,
+  poison_ids])``: a plain torch save of tensors, read with ``torch.load(weights_only=True)``; the deltas
+  are in forest's normalised units, so the import names forest's normalisation (``normalization``).
 * ``arrays`` (:mod:`.arrays`): ``.npz`` with ``images`` (or ``x``/``poisons``), ``indices`` (or
   ``ids``) and optional ``labels``, or a folder with ``poisons.npy``, ``indices.npy`` and optional
   ``labels.npy``, as APBench and many papers ship poisons.
@@ -40,4 +42,4 @@ PoisonSet audit holds them to epsilon on the uint8 grid, the budget and the labe
 
 from __future__ import annotations
 
-FORMATS = ("benchmark", "forest-numpy", "forest-full", "arrays")
+FORMATS = ("benchmark", "forest-numpy", "forest-full", "forest-packed", "arrays")
