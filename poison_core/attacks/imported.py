@@ -64,4 +64,4 @@ class Imported(Attack):
         if p.normalization is not None:
             record["normalization"] = p.normalization
         return Crafted(positions=pos, images=got.images, poison_labels=got.poison_labels, targets=got.targets,
-                       provenance={"import": record})
+                       trigger=got.trigger, provenance={"import": record})
