@@ -1,11 +1,12 @@
 """Other tools' poison files, read into and written from Belladonna's PoisonSet.
 
-Formats (one module each; pure numpy / PIL / pickle, no orchestration imports):
+Formats (one module each; pure numpy / PIL / pickle / torch, no orchestration imports):
 
 * ``benchmark`` (:mod:`.benchmark`): Schwarzschild et al., 'Just How Toxic is Data Poisoning?',
   ICML 2021 (github.com/aks2203/poisoning-benchmark, how_to.md): ``poisons.pickle`` (a list of
   (PIL image, label)), ``base_indices.pickle`` (the bases' training-set indices) and
-  ``target.pickle`` ((PIL image, label)); its ``poison_setups/*.pickle`` (the trials' keys) are read by
+  ``target.pickle`` ((PIL image, label), or (PIL image, label, patch, [x, y]) for a triggered backdoor:
+  a ``fixed_patch`` trigger, :mod:`.benchmark_trigger`); its ``poison_setups/*.pickle`` (the trials' keys) are read by
   :mod:`.setups` as the targeted attacks' key draw (``threat.targets.mode: setups``).
 * ``forest-numpy`` and ``forest-full`` (:mod:`.forest`): Geiping et al.'s forest
   (github.com/JonasGeiping/data-poisoning, ``forest/data/kettle_base.py`` ``export_poison``):
