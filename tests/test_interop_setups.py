@@ -74,8 +74,8 @@ def test_repeated_and_shared_bases_are_used_once(tmp_path, surrogate):
     same = TEST.ids[(TEST.labels != written[0]["base class"])][:1]
     written[1]["target index"], written[1]["target class"] = np.int64(same[0]), int(
         TEST.labels[TEST.positions(same)][0])
-    written[1]["base indices"] = np.concatenate([written[0]["base indices"][:2],
-                                                 TRAIN.ids[TRAIN.labels == written[0]["base class"]][-2:]])
+    others = np.setdiff1d(TRAIN.ids[TRAIN.labels == written[0]["base class"]], written[0]["base indices"])
+    written[1]["base indices"] = np.concatenate([written[0]["base indices"][:2], others[-2:]])
     (tmp_path / "s.pickle").write_bytes(pickle.dumps(written, protocol=4))
     ps = craft(setups_threat(tmp_path / "s.pickle", n_targets=2), surrogate)
     assert len(ps) == len(set(ps.ids.tolist())) == 6  # 4 + the second key's 2 bases not already used
