@@ -18,7 +18,9 @@ import typer
 
 from poison_core.errors import InputError
 
-FORMAT_HELP = "benchmark, forest-numpy, forest-full or arrays (see docs/interop.md)."
+FORMAT_HELP = "benchmark, forest-numpy, forest-full, forest-packed or arrays (see docs/interop.md)."
+NORMALIZATION_HELP = ("forest-packed only: the normalisation forest used (cifar10, cifar100, mnist, imagenet, "
+                      "tinyimagenet, none); default cifar10 on CIFAR-10.")
 
 
 def import_poisons(fmt: str = typer.Argument(..., metavar="FORMAT", help=FORMAT_HELP),
@@ -26,7 +28,8 @@ def import_poisons(fmt: str = typer.Argument(..., metavar="FORMAT", help=FORMAT_
                    config: Path = typer.Option(..., help="Benchmark YAML: its dataset, threat model and store key."),
                    attack_id: Optional[str] = typer.Option(None, help="Grid id of this import (the config's attack "
                                                            "with this id gives the threat model); default 'imported'."),
-                   store: Optional[str] = typer.Option(None, help="Store root; default $BELLADONNA_STORE or runs/store.")
+                   store: Optional[str] = typer.Option(None, help="Store root; default $BELLADONNA_STORE or runs/store."),
+                   normalization: Optional[str] = typer.Option(None, help=NORMALIZATION_HELP)
                    ) -> None:
     """Read another tool's poisons into an audited PoisonSet in the config's store."""
     from belladonna.cli import _load, console
@@ -40,7 +43,8 @@ def import_poisons(fmt: str = typer.Argument(..., metavar="FORMAT", help=FORMAT_
     formats.get(fmt)
     key = attack_id or "imported"
     named = next((a for a in cfg.attacks if a.key == key), None)
-    attack = AttackConfig(name="imported", id=attack_id, params={"format": fmt, "path": str(path)},
+    params = {"format": fmt, "path": str(path), **({"normalization": normalization} if normalization else {})}
+    attack = AttackConfig(name="imported", id=attack_id, params=params,
                           threat=named.threat if named is not None else None)
     threat, seed = cfg.threat_for(attack), cfg.seeds[0]
     splits = load_dataset(cfg.dataset)
@@ -79,7 +83,8 @@ def export_poisons(source: Path = typer.Argument(..., metavar="RUN_OR_POISONSET"
                    fmt: str = typer.Argument(..., metavar="FORMAT", help=FORMAT_HELP),
                    out: Path = typer.Argument(..., help="New folder to write (must not exist or be empty)."),
                    config: Path = typer.Option(..., help="The benchmark YAML whose dataset the poisons claim."),
-                   poisons: Optional[str] = typer.Option(None, help="Which of a run's PoisonSets: ATTACK/seedN.")
+                   poisons: Optional[str] = typer.Option(None, help="Which of a run's PoisonSets: ATTACK/seedN."),
+                   normalization: Optional[str] = typer.Option(None, help=NORMALIZATION_HELP)
                    ) -> None:
     """Write a stored PoisonSet in another tool's format (audited on the way out)."""
     from belladonna.cli import _load, console
@@ -91,6 +96,6 @@ def export_poisons(source: Path = typer.Argument(..., metavar="RUN_OR_POISONSET"
     formats.get(fmt)
     splits = load_dataset(cfg.dataset)
     poison_set, _threat = audit_file(_poison_uri(source, poisons), splits.train, cfg)
-    written = formats.write(fmt, out, poison_set, splits.train, splits.test)
+    written = formats.write(fmt, out, poison_set, splits.train, splits.test, normalization=normalization)
     console.print(f"ok: {len(poison_set)} poisons as {fmt}: {len(written)} files in {out}", markup=False,
                   highlight=False, soft_wrap=True)

@@ -58,6 +58,13 @@ def check_benchmark(cfg: BenchmarkConfig, splits: DatasetSplits) -> None:
             if value is not None and value >= train.num_classes:
                 raise ConfigError(f"{scope}.targets.{name}: {value} is outside 0..{train.num_classes - 1} "
                                   f"(dataset {cfg.dataset.name!r} has {train.num_classes} classes)")
+        if targets.setups is not None:
+            from poison_core.interop import setups as setup_files
+
+            try:
+                setup_files.load(targets.setups.path, targets.setups.start, targets.n_targets, train, test)
+            except InputError as exc:
+                raise type(exc)(f"{scope}.targets.setups: {exc}") from None
         if targets.mode == "fixed":
             missing = sorted(set(targets.target_ids) - {int(i) for i in test.ids})
             if missing:

@@ -35,6 +35,7 @@ from poison_core.config import AttackConfig, BenchmarkConfig, DatasetConfig, Def
 from poison_core.data import DATASETS
 from poison_core.data.fingerprint import dataset_fingerprint, file_digest
 from poison_core.defenses import DEFENSES
+from poison_core.interop.setups import fingerprint as setups_fingerprint
 from poison_core.members import attack_params, defense_params
 from poison_core.models import MODELS
 
@@ -118,7 +119,8 @@ def surrogate_key(cfg: BenchmarkConfig, prefix: str, seed: int, index: int) -> s
 
 def poison_stage(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: int) -> StageKey:
     """An attack's PoisonSet for one seed. Its surrogates are inputs only when the attack uses them; an
-    attack that reads files of its own (``input_fingerprint``) adds their content."""
+    attack that reads files of its own (``input_fingerprint``) adds their content, and so does a threat
+    model whose targeted keys come from a setups file (``targets.setups``: its bytes, not its path)."""
     cls = ATTACKS.get(attack.name)
     surrogates = ([surrogate_key(cfg, prefix, seed, i) for i in range(cfg.n_surrogates)]
                   if cls.needs_surrogate else [])
@@ -126,8 +128,12 @@ def poison_stage(cfg: BenchmarkConfig, prefix: str, attack: AttackConfig, seed: 
     parsed = attack_params(attack)
     if hasattr(cls, "input_fingerprint"):
         inputs["files"] = cls(parsed).input_fingerprint()
-    params = {"attack": attack.name, "params": parsed.model_dump(mode="json"), "seed": seed,
-              "threat": _dump(cfg.threat_for(attack))}
+    threat = cfg.threat_for(attack)
+    dumped = _dump(threat)
+    if threat.targets.setups is not None:  # the keys file: its content is an input, its path is not a param
+        inputs["setups"] = setups_fingerprint(threat.targets.setups.path)
+        dumped["targets"]["setups"].pop("path")
+    params = {"attack": attack.name, "params": parsed.model_dump(mode="json"), "seed": seed, "threat": dumped}
     return _stage_key(f"poisons/{file_part(attack.key)}", f"{cfg.name}/craft/{attack.key}/seed{seed}", ".parquet",
                       inputs, params, attack_code(attack.name), (prefix, *surrogates))
 

@@ -50,3 +50,25 @@ def benchmark_trial(folder: Path, train: ImageDataset, test: ImageDataset, *, ta
             pickle.dump(obj, handle, protocol=pickle.HIGHEST_PROTOCOL)
     return {"ids": base_indices, "images": poisons, "label": poisoned_label, "target": target_index}
 
+
+
+def benchmark_setups(path: Path, train: ImageDataset, test: ImageDataset, n_setups: int = 3, n_bases: int = 4,
+                     seed: int = 0) -> list[dict]:
+    """A setups file as aks2203/poisoning-benchmark ships them (poison_setups/cifar10_*.pickle, protocol 4):
+    a list of dicts, "target class" a Python int, "target index" a numpy int64 scalar, "base class" an
+    int, "base indices" an int64 array; ids are the dataset's original indices. Targets distinct, bases
+    of the base class, disjoint across setups."""
+    rng = np.random.default_rng(seed)
+    k = train.num_classes
+    free = np.ones(len(train), dtype=bool)
+    setups = []
+    for pos in rng.permutation(len(test))[:n_setups]:
+        target_class = int(test.labels[pos])
+        base_class = int((target_class + rng.integers(1, k)) % k)
+        pool = np.flatnonzero((train.labels == base_class) & free)
+        bases = rng.choice(pool, size=n_bases, replace=False)
+        free[bases] = False
+        setups.append({"target class": target_class, "target index": np.int64(test.ids[pos]),
+                       "base class": base_class, "base indices": train.ids[bases].astype(np.int64)})
+    path.write_bytes(pickle.dumps(setups, protocol=4))
+    return setups

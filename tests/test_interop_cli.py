@@ -66,9 +66,11 @@ def test_import_then_export_round_trips_through_the_store(tmp_path):
                                                                      cfg.attacks[0], 0)
     for fmt in formats.FORMATS:
         out = tmp_path / f"out-{fmt}"
-        proc = belladonna("export", str(stored), fmt, str(out), "--config", str(config))
+        option = {"normalization": "mnist"} if fmt == "forest-packed" else {}  # digits: one channel
+        proc = belladonna("export", str(stored), fmt, str(out), "--config", str(config),
+                          *(f"--{k}={v}" for k, v in option.items()))
         assert proc.returncode == 0, proc.stderr
-        back = make_attack("imported", {"format": fmt, "path": str(out)}).craft(
+        back = make_attack("imported", {"format": fmt, "path": str(out), **option}).craft(
             CraftContext(train=splits.train, test=splits.test, threat=cfg.threat, seed=0))
         assert formats.same_poisons(ps, back)
 

@@ -11,10 +11,10 @@ content hash the stage key includes, so changed files give a new key.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from poison_core.attacks.base import Attack, AttackParams, CraftContext, Crafted, register_attack
 from poison_core.errors import ConfigError
@@ -23,8 +23,19 @@ from poison_core.interop.common import match
 
 
 class ImportedParams(AttackParams):
-    format: Literal["benchmark", "forest-numpy", "forest-full", "arrays"]
+    """format and path of the files; normalization: forest's normalisation of forest-packed deltas
+    (poison_core.interop.forest_packed; default cifar10 on CIFAR-10), left out of the dump when unset."""
+
+    format: Literal["benchmark", "forest-numpy", "forest-full", "forest-packed", "arrays"]
     path: str = Field(min_length=1, max_length=4096)
+    normalization: Literal["cifar10", "cifar100", "mnist", "imagenet", "tinyimagenet", "none"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unset_normalization(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.normalization is None:
+            data.pop("normalization", None)
+        return data
 
 
 @register_attack
@@ -47,7 +58,10 @@ class Imported(Attack):
             raise ConfigError("ctx.test: imported poisons' targets are found in the test split; none was given")
         p = self.params
         what = f"{p.format} poisons at {p.path!r}"
-        got = formats.read(p.format, p.path, ctx.train, ctx.test, n_poison)
+        got = formats.read(p.format, p.path, ctx.train, ctx.test, n_poison, normalization=p.normalization)
         pos = match(got, ctx.train, ctx.threat.epsilon, what)
+        record: dict[str, Any] = {"format": p.format, "path": p.path, "sources": got.sources}
+        if p.normalization is not None:
+            record["normalization"] = p.normalization
         return Crafted(positions=pos, images=got.images, poison_labels=got.poison_labels, targets=got.targets,
-                       provenance={"import": {"format": p.format, "path": p.path, "sources": got.sources}})
+                       trigger=got.trigger, provenance={"import": record})

@@ -14,6 +14,10 @@ Selection (ThreatModel.targets):
   one, else uniform among the other classes.
 * ``fixed``: the first `n_targets` of `target_ids` (test ids), with the given adversarial class or
   a uniformly drawn other class.
+* ``setups``: setups ``start .. start + n_targets - 1`` of another tool's file of keys (the 'Just How
+  Toxic' benchmark's ``poison_setups/*.pickle``, poison_core.interop.setups): each setup's target,
+  its base class as the adversarial class, and its own base indices instead of a draw. The budget must
+  hold every key's bases; a base an earlier key already uses is left out of a later one (logged).
 
 The budget floor(budget * n) is split evenly among the keys; each key's bases are that many
 training images of its base class drawn uniformly without replacement (never shared by two keys).
@@ -25,10 +29,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 
+from poison_core.interop import setups as setup_files
 from poison_core.perturbation import quantize
 from poison_core.attacks.base import CraftContext, Crafted
 from poison_core.data.dataset import ImageDataset
@@ -36,6 +43,7 @@ from poison_core.errors import ConfigError
 from poison_core.training import to_tensor
 
 CHUNK = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,41 @@ def choose_keys(ctx: CraftContext, rng: np.random.Generator) -> list[PoisonKey]:
     return keys
 
 
+def setup_plans(ctx: CraftContext, n_poison: int) -> list[KeyPlan]:
+    """The keys and bases of a setups file (mode ``setups``): no draw; bases disjoint across keys."""
+    check_classes(ctx)
+    sel, test = ctx.threat.targets, ctx.test
+    assert sel.setups is not None and test is not None
+    chosen = setup_files.load(sel.setups.path, sel.setups.start, sel.n_targets, ctx.train, test)
+    used = np.zeros(len(ctx.train), dtype=bool)
+    plans = []
+    for setup in chosen:
+        pos = ctx.train.positions(setup.base_ids)
+        fresh = pos[~used[pos]]
+        if len(fresh) < len(pos):
+            log.warning("setup %d: %d of its %d bases belong to an earlier key of this craft; left out",
+                        setup.number, len(pos) - len(fresh), len(pos))
+        if len(fresh) == 0:
+            raise ConfigError(f"threat.targets.setups: setup {setup.number}'s bases all belong to earlier keys "
+                              "of this craft; use fewer setups (n_targets) or another start")
+        used[fresh] = True
+        target_pos = int(test.positions(np.asarray([setup.target_id]))[0])
+        key = PoisonKey(setup.target_id, target_pos, setup.target_class, setup.base_class, setup.base_class)
+        plans.append(KeyPlan(key, np.sort(fresh).astype(np.int64)))
+    total = int(used.sum())
+    if total > n_poison:
+        raise ConfigError(f"threat.budget: setups {sel.setups.start}..{sel.setups.start + len(chosen) - 1} of "
+                          f"{sel.setups.path!r} hold {total} bases; the budget {ctx.threat.budget} of "
+                          f"{len(ctx.train)} training samples allows {n_poison} (raise budget to at least "
+                          f"{total / len(ctx.train):.4g} or use fewer setups)")
+    return plans
+
+
 def plan(ctx: CraftContext, n_poison: int, rng: np.random.Generator) -> list[KeyPlan]:
-    """Keys and their bases: n_poison // n_keys base-class training images per key, disjoint."""
+    """Keys and their bases: n_poison // n_keys base-class training images per key, disjoint; or, in
+    mode ``setups``, the file's keys and bases (:func:`setup_plans`)."""
+    if ctx.threat.targets.mode == "setups":
+        return setup_plans(ctx, n_poison)
     keys = choose_keys(ctx, rng)
     share = n_poison // len(keys)
     if share < 1:

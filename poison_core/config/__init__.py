@@ -17,12 +17,12 @@ from poison_core.config.execution import ExecutionConfig, RuntimeEnvConfig
 from poison_core.config.loading import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, load_benchmark, parse_config, read_yaml_text
 from poison_core.config.members import AttackConfig, DefenseConfig
 from poison_core.config.simclr import SimCLRConfig, SimCLRViews, SSLConfig
-from poison_core.config.threat_model import TargetSelection, ThreatModel
+from poison_core.config.threat_model import SetupsFile, TargetSelection, ThreatModel
 from poison_core.config.train import PretrainConfig, TrainConfig
 from poison_core.config.victim import PROTOCOLS, Protocol, VictimConfig
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_YAML_DEPTH", "NAME_PATTERN", "PROTOCOLS", "AttackConfig", "BenchmarkConfig",
            "DatasetConfig", "DefenseConfig", "ExecutionConfig", "ModelConfig", "ModelName", "PretrainConfig", "Protocol",
            "RegistryName", "RuntimeEnvConfig", "SSLConfig", "SimCLRConfig", "SimCLRViews", "StrictModel",
-           "TargetSelection", "ThreatModel", "TrainConfig", "VictimConfig", "load_benchmark", "parse_config",
+           "SetupsFile", "TargetSelection", "ThreatModel", "TrainConfig", "VictimConfig", "load_benchmark", "parse_config",
            "read_yaml_text"]

@@ -10,20 +10,49 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 from poison_core.config.base import StrictModel
 
 
-class TargetSelection(StrictModel):
-    """How targeted attacks pick (target test image, adversarial class, base class) keys."""
+class SetupsFile(StrictModel):
+    """A file of poison keys drawn by someone else: the 'Just How Toxic' benchmark's
+    ``poison_setups/*.pickle`` (Schwarzschild et al., ICML 2021; aks2203/poisoning-benchmark, how_to.md),
+    a list of {"target class", "target index", "base class", "base indices"} dicts. The keys used are
+    setups ``start`` .. ``start + n_targets - 1`` (poison_core.interop.setups)."""
 
-    mode: Literal["random", "fixed"] = "random"
+    format: Literal["benchmark"] = "benchmark"
+    path: str = Field(min_length=1, max_length=4096)
+    start: int = Field(0, ge=0, le=100_000)
+
+
+class TargetSelection(StrictModel):
+    """How targeted attacks pick (target test image, adversarial class, base class) keys: a seeded
+    ``random`` draw, ``fixed`` test ids, or ``setups``, another tool's keys read from a file (targets,
+    classes and the bases themselves). A selection without a setups file dumps (and hashes) as before."""
+
+    mode: Literal["random", "fixed", "setups"] = "random"
     n_targets: int = Field(1, ge=1, le=100_000)
     target_ids: tuple[int, ...] = ()
     adversarial_class: int | None = Field(None, ge=0)
     base_class: int | None = Field(None, ge=0)
+    setups: SetupsFile | None = None
 
     @model_validator(mode="after")
     def _fixed_needs_ids(self) -> "TargetSelection":
         if self.mode == "fixed" and not self.target_ids:
             raise ValueError("targets.target_ids must name at least one test id when mode is 'fixed'")
+        if (self.mode == "setups") != (self.setups is not None):
+            raise ValueError("targets.setups (a file of keys, e.g. {path: cifar10_transfer_learning.pickle}) is "
+                             "given exactly when mode is 'setups'")
+        if self.mode == "setups":
+            for name in ("target_ids", "adversarial_class", "base_class"):
+                if getattr(self, name) not in (None, ()):
+                    raise ValueError(f"targets.{name}: the setups file gives every key's target and classes; "
+                                     f"leave {name} unset when mode is 'setups'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump_without_setups(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.setups is None:
+            data.pop("setups", None)
+        return data
 
 
 class ThreatModel(StrictModel):

@@ -1,18 +1,22 @@
 """Other tools' poison files, read into and written from Belladonna's PoisonSet.
 
-Formats (one module each; pure numpy / PIL / pickle, no orchestration imports):
+Formats (one module each; pure numpy / PIL / pickle / torch, no orchestration imports):
 
 * ``benchmark`` (:mod:`.benchmark`): Schwarzschild et al., 'Just How Toxic is Data Poisoning?',
   ICML 2021 (github.com/aks2203/poisoning-benchmark, how_to.md): ``poisons.pickle`` (a list of
   (PIL image, label)), ``base_indices.pickle`` (the bases' training-set indices) and
-  ``target.pickle`` ((PIL image, label)); ``poison_setups/*.pickle`` are not read yet.
+  ``target.pickle`` ((PIL image, label), or (PIL image, label, patch, [x, y]) for a triggered backdoor:
+  a ``fixed_patch`` trigger, :mod:`.benchmark_trigger`); its ``poison_setups/*.pickle`` (the trials' keys) are read by
+  :mod:`.setups` as the targeted attacks' key draw (``threat.targets.mode: setups``).
 * ``forest-numpy`` and ``forest-full`` (:mod:`.forest`): Geiping et al.'s forest
   (github.com/JonasGeiping/data-poisoning, ``forest/data/kettle_base.py`` ``export_poison``):
   mode ``numpy`` (the whole poisoned training set as ``poisoned_training_data.npy`` and
   ``poisoned_training_labels.npy``) and mode ``full`` (an ImageFolder tree ``train/<class>/<idx>.png``,
   ``test/<class>/<idx>.png``, ``targets/<intended class>/<idx>.png``; ``limited`` trees, which hold
-  only the poisoned training images, read the same way). Mode ``packed`` is a torch pickle of
-  normalised float deltas, not a plain format: it is not read.
+  only the poisoned training images, read the same way).
+* ``forest-packed`` (:mod:`.forest_packed`): forest's mode ``packed``, ``torch.save([poison_delta,
+  poison_ids])``: a plain torch save of tensors, read with ``torch.load(weights_only=True)``; the deltas
+  are in forest's normalised units, so the import names forest's normalisation (``normalization``).
 * ``arrays`` (:mod:`.arrays`): ``.npz`` with ``images`` (or ``x``/``poisons``), ``indices`` (or
   ``ids``) and optional ``labels``, or a folder with ``poisons.npy``, ``indices.npy`` and optional
   ``labels.npy``, as APBench and many papers ship poisons.
@@ -39,4 +43,4 @@ PoisonSet audit holds them to epsilon on the uint8 grid, the budget and the labe
 
 from __future__ import annotations
 
-FORMATS = ("benchmark", "forest-numpy", "forest-full", "arrays")
+FORMATS = ("benchmark", "forest-numpy", "forest-full", "forest-packed", "arrays")

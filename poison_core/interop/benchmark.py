@@ -9,7 +9,8 @@ A trial's folder holds three pickles, each written with ``pickle.HIGHEST_PROTOCO
   numpy array), in the order of the poisons;
 * ``target.pickle``: (PIL image, label) of the target test image; the benchmark's poisoned label,
   the adversarial class, is the first poison's label. The triggered-backdoor form
-  (image, label, patch, [x, y]) is refused: Belladonna has no trigger spec for a free patch yet.
+  (image, label, patch, [x, y]) becomes a ``fixed_patch`` trigger (:mod:`.benchmark_trigger`) with a
+  ``backdoor`` goal (target class: the poisons' label, source class: the target's, and the target's id).
 
 They are read with the restricted unpickler (PIL images, numpy arrays and scalars, containers only),
 after a size check against the budget. The target is found in the config's test split pixel for pixel.
@@ -25,6 +26,7 @@ import numpy as np
 
 from poison_core.data.dataset import ImageDataset
 from poison_core.errors import DatasetError
+from poison_core.interop import benchmark_trigger
 from poison_core.interop.common import (Imported, as_uint8_images, check_count, find_test_id, sources, targeted,
                                         write_folder)
 from poison_core.safe_pickle import PickledImage, numpy_globals, pil_globals, read_limited, safe_loads
@@ -86,17 +88,26 @@ def read(root: Path, train: ImageDataset, test: ImageDataset, max_poisons: int) 
     ids = [_int(v, f"{indices_path}: entry {i}") for i, v in enumerate(indices)]
     if len(ids) != len(images):
         raise DatasetError(f"{indices_path}: {len(ids)} base indices for {len(images)} poisons")
-    target = _load(target_path, pixels + 64 * 1024 + _OVERHEAD)
-    if isinstance(target, tuple) and len(target) == 4:
-        raise DatasetError(f"{target_path}: a triggered-backdoor target (image, label, patch, [x, y]) is not "
-                           "supported; only triggerless targets (image, label)")
-    if not isinstance(target, tuple) or len(target) != 2:
-        raise DatasetError(f"{target_path}: expected a (PIL image, label) tuple")
+    try:  # a float64 (C, H, W) patch at most besides the image
+        target = _load(target_path, 9 * pixels + 64 * 1024 + _OVERHEAD)
+    except DatasetError as exc:
+        if "global 'torch." not in str(exc):
+            raise
+        raise DatasetError(f"{exc}: {benchmark_trigger.TORCH_REASON}") from None
+    if not isinstance(target, tuple) or len(target) not in (2, 4):
+        raise DatasetError(f"{target_path}: expected (PIL image, label) or, for a triggered backdoor, "
+                           "(PIL image, label, patch, [startx, starty])")
     target_label = _int(target[1], f"{target_path}: label")
     target_id = find_test_id(_image(target[0], f"{target_path}: image"), target_label, test, str(target_path))
+    goal, trigger = targeted([target_id], [labels[0]], test), None
+    if len(target) == 4:
+        patch, top, left = benchmark_trigger.patch_from_target(target[2], target[3], test.image_shape, str(target_path))
+        trigger = benchmark_trigger.trigger_spec(patch, top, left, labels[0], target_label)
+        goal = {"kind": "backdoor", "target_class": int(labels[0]), "source_class": target_label,
+                "target_ids": [target_id]}
     return Imported(ids=np.asarray(ids, dtype=np.int64), images=as_uint8_images(np.stack(images), str(poisons_path)),
-                    poison_labels=np.asarray(labels, dtype=np.int64),
-                    targets=targeted([target_id], [labels[0]], test), sources=sources(root, files(root)))
+                    poison_labels=np.asarray(labels, dtype=np.int64), targets=goal, sources=sources(root, files(root)),
+                    trigger=trigger)
 
 
 def _pil(image: np.ndarray):
@@ -106,16 +117,25 @@ def _pil(image: np.ndarray):
 
 
 def write(out: Path, poison_set: PoisonSet, train: ImageDataset, test: ImageDataset) -> list[Path]:
-    """The trial folder `out` the benchmark's poison_test.py reads: poisons in ascending id order."""
-    goal = poison_set.targets or {}
-    if goal.get("kind") != "targeted" or len(goal.get("target_ids") or []) != 1:
-        raise DatasetError(f"export benchmark: the benchmark's trials have one target; this poison set's goal is "
-                           f"{goal.get('kind', 'none')!r} with {len(goal.get('target_ids') or [])} target(s)")
+    """The trial folder `out` the benchmark's poison_test.py reads: poisons in ascending id order; a
+    patch trigger's target carries the patch ((C, p, p) float32 numpy) and [startx, starty]."""
+    goal, trigger = poison_set.targets or {}, poison_set.trigger
+    if trigger is not None:
+        patch, location = benchmark_trigger.to_benchmark(trigger, test.image_shape)
+        target_ids = [benchmark_trigger.backdoor_target(trigger, goal, test)]
+    elif goal.get("kind") != "targeted" or len(goal.get("target_ids") or []) != 1:
+        raise DatasetError(f"export benchmark: the benchmark's trials have one target (or a patch trigger); this "
+                           f"poison set's goal is {goal.get('kind', 'none')!r} with "
+                           f"{len(goal.get('target_ids') or [])} target(s)")
+    else:
+        target_ids = goal["target_ids"][:1]
     order = np.argsort(poison_set.ids, kind="stable")
     tuples = [(_pil(poison_set.images[i]), int(poison_set.poison_labels[i])) for i in order]
     indices = [int(poison_set.ids[i]) for i in order]
-    pos = int(test.positions(np.asarray(goal["target_ids"][:1], dtype=np.int64))[0])
-    target = (_pil(test.images[pos]), int(test.labels[pos]))
+    pos = int(test.positions(np.asarray(target_ids, dtype=np.int64))[0])
+    target: tuple = (_pil(test.images[pos]), int(test.labels[pos]))
+    if trigger is not None:
+        target = (*target, patch, location)
 
     def _write(folder: Path) -> None:
         for name, obj in zip(FILES, (tuples, indices, target)):

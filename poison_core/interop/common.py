@@ -32,6 +32,8 @@ class Imported:
     targets: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     """sha256 of each file read, by its path relative to the import's root."""
+    trigger: dict[str, Any] | None = None
+    """A backdoor's trigger spec (poison_core.triggers), when the files carry one."""
 
 
 def sha256_file(path: Path) -> str:

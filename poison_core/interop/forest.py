@@ -13,8 +13,7 @@ Matching', ICLR 2021; github.com/JonasGeiping/data-poisoning, ``forest/data/kett
   (idx: the target's test index; the folder: its adversarial class). Mode ``limited`` writes only the
   poisoned training images and the targets, and reads the same way: the images that differ from the
   clean ones (pixels or class folder) are the poisons. Grayscale images are written as 'L' PNGs.
-* mode ``packed`` (``torch.save([poison_delta, poison_ids])``) holds deltas in forest's normalised
-  float units, which need the dataset's mean and std and forest's rounding: not read here.
+* mode ``packed`` (``torch.save([poison_delta, poison_ids])``): :mod:`poison_core.interop.forest_packed`.
 """
 
 from __future__ import annotations
