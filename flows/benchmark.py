@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from prefect import flow
 
+from infra.flow_run_exit import stops_on_signal
 from infra.ray_runner import ensure_ray
 from infra.services import warm_tracking
 from infra.settings import Settings
@@ -41,15 +42,16 @@ def _config(config: str | BenchmarkConfig) -> BenchmarkConfig:
     return config if isinstance(config, BenchmarkConfig) else load_benchmark(presets.resolve(config))
 
 
-def _checked(config: str | BenchmarkConfig, store: str | None,
-             run_dir: str | None = None) -> tuple[BenchmarkConfig, str]:
+def _checked(config: str | BenchmarkConfig, store: str | None, run_dir: str | None = None,
+             tracking_uri: str | None = None) -> tuple[BenchmarkConfig, str]:
     """The config and the store root, after the preflight check (nothing started or written yet)."""
     cfg, target = _config(config), Store(store)
-    preflight(cfg, target, run_dir)
+    preflight(cfg, target, run_dir, tracking_uri)
     return cfg, target.root
 
 
 @flow(name="benchmark")
+@stops_on_signal
 def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
               tracking_uri: str | None = None, recompute: list[str] | None = None,
               compare_to: str | None = None, fail_on_regression: bool | None = None) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
     regression gate (tasks.regression_gate, docs/compare.md)."""
     started = time.time()
     run_dir = run_dir or Settings.from_env().run_dir
-    cfg, root = _checked(config, store, run_dir)
+    cfg, root = _checked(config, store, run_dir, tracking_uri)
     force = Recompute.parse(recompute, cfg)
     clock = _Clock()
     with clock("ray"):
@@ -139,6 +141,7 @@ class _Clock:
 
 
 @flow(name="ingest")
+@stops_on_signal
 def ingest_flow(config: str, store: str | None = None) -> str:
     """Stage 1 alone: store the dataset split; returns its key prefix."""
     cfg, root = _checked(config, store)
@@ -146,6 +149,7 @@ def ingest_flow(config: str, store: str | None = None) -> str:
 
 
 @flow(name="craft")
+@stops_on_signal
 def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-3: store every PoisonSet; returns their keys."""
     cfg, root = _checked(config, store)
@@ -157,6 +161,7 @@ def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
 
 
 @flow(name="retrain")
+@stops_on_signal
 def retrain_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-4: store every victim; returns their keys."""
     cfg, root = _checked(config, store)
