@@ -9,7 +9,8 @@ run in a session of its own). Then, each within a bounded time: the worker exits
 (the flow-run process, Ray's processes, the flow run's watcher; recorded by PID and start time from the
 worker's start) is gone, and the flow run is Crashed with the line that says a rerun resumes; no
 results.json is written. Before infra/flow_run_exit.py the run stayed Running for good and two Ray agents
-outlived the worker.
+outlived the worker. The fast case checks the flow run's watcher on its own: a process tree whose root is
+SIGKILLed, with a child in a session of its own and one in the root's process group.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +32,6 @@ import yaml
 from belladonna import reaper
 from tests.test_nightly import PREFECT, RUN_TIME_VARS, Processes, _client, _free_port, _wait
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 STOP_S = 90  # worker, processes and the run's state: each within this after the SIGINT (a loaded machine)
 
@@ -102,6 +103,7 @@ def deployed(tmp_path) -> Iterator[dict[str, Any]]:
         procs.stop()
 
 
+@pytest.mark.slow
 def test_a_worker_stopped_with_sigint_ends_its_flow_run_crashed_and_leaves_no_process(deployed):
     tmp, procs = deployed["tmp"], deployed["procs"]
     worker_env = {**deployed["env"], "BELLADONNA_HOME": str(ROOT), "BELLADONNA_STORE": str(tmp / "store"),
@@ -146,3 +148,34 @@ def test_a_worker_stopped_with_sigint_ends_its_flow_run_crashed_and_leaves_no_pr
     assert not list((tmp / "runs").rglob("results.json"))  # nothing half-written
     assert list((tmp / "store" / "datasets").iterdir())  # the stages before are stored: a rerun reuses them
     print(f"worker SIGINT: worker, {len(recorder.seen)} processes and the run's state settled in {seconds:.1f}s")  # noqa: T201
+
+
+TREE = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)  # a descendant
+subprocess.Popen(["sleep", "600"])  # the same process group
+time.sleep(600)
+"""
+
+
+def test_the_watcher_stops_what_a_killed_flow_run_process_left(tmp_path):
+    root = subprocess.Popen([sys.executable, "-c", TREE], start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_CLIENT_MAX_RETRIES": "0"}  # nothing answers there
+    watcher = subprocess.Popen([sys.executable, "-m", "infra.flow_run_exit", str(root.pid), "not-a-flow-run"],
+                               stdin=subprocess.PIPE, env=env, start_new_session=True)
+    recorder = Recorder(root.pid)
+    try:
+        _wait("the tree to start", lambda: len(recorder.seen) >= 2, timeout=60, every=0.2)
+        time.sleep(1.5)  # the watcher records twice a second
+        left = dict(recorder.seen)
+        root.kill()
+        root.wait(timeout=30)
+        assert [p for p, s in left.items() if reaper.start_time(p) == s], "the tree died with its root: no test"
+        watcher.stdin.close()  # as when the flow-run process is gone: the pipe's only writer
+        watcher.wait(timeout=120)
+        assert not [p for p, s in left.items() if reaper.start_time(p) == s], left
+    finally:
+        recorder.stop()
+        if watcher.poll() is None:
+            watcher.kill()
