@@ -75,16 +75,17 @@ def check_sqlite_file(path: str | Path, what: str, advice: str = "") -> None:
 def _quick_check(path: Path) -> list[str]:
     """SQLite's ``PRAGMA quick_check`` (https://www.sqlite.org/pragma.html#pragma_quick_check: page and
     b-tree structure in O(N), without ``integrity_check``'s index cross-checks) on a read-only connection:
-    ``["ok"]`` or what it found. A database another process holds locked, or one this process may not
-    open, passes: MLflow waits for the lock and reports the rest in its own words."""
+    ``["ok"]`` or what it found. A database another process holds locked, one with the hot journal of
+    a killed writer (which only a writable connection rolls back) and one this process may not open pass:
+    MLflow waits for the lock, rolls the journal back, and reports the rest in its own words."""
     try:
         db = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=10)
     except sqlite3.Error:
         return ["ok"]
     try:
         return [str(row[0]) for row in db.execute("PRAGMA quick_check(3)").fetchall()]
-    except sqlite3.OperationalError as exc:  # "database is locked", "unable to open"
-        return ["ok"] if "locked" in str(exc) or "unable to open" in str(exc) else [str(exc)]
+    except sqlite3.OperationalError:  # locked, a hot journal a read-only connection cannot roll back, I/O
+        return ["ok"]
     except sqlite3.DatabaseError as exc:  # "database disk image is malformed", "file is not a database"
         return [str(exc)]
     finally:

@@ -78,6 +78,28 @@ def test_a_damaged_database_is_one_line_naming_it_before_mlflow_opens_it(how, tm
     assert _tree(tmp_path / "runs") == before  # nothing written, not even a journal
 
 
+def test_a_database_left_by_a_killed_writer_is_not_called_damaged(tmp_path):
+    """A run killed in the middle of an MLflow write leaves a hot journal beside the database: SQLite rolls
+    it back on the next writable open, so the check (read-only) must let it through, and MLflow opens it."""
+    db = _logged(tmp_path / "runs")
+    writer = sqlite3.connect(tmp_path / "writer.db")
+    writer.execute("create table t (x)")
+    writer.executemany("insert into t values (?)", [("a" * 500,)] * 200)
+    writer.commit()
+    writer.execute("pragma cache_size = 1")  # spill to the file mid-transaction, as a big write does
+    writer.execute("begin")
+    writer.execute("update t set x = 'b'")
+    shutil.copyfile(tmp_path / "writer.db", db)  # the database and its journal as a SIGKILL leaves them
+    shutil.copyfile(tmp_path / "writer.db-journal", f"{db}-journal")
+    writer.close()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as probe, pytest.raises(sqlite3.OperationalError):
+        probe.execute("pragma quick_check").fetchall()  # what a read-only check meets
+    from infra.local_checks import check_tracking_uri
+
+    check_tracking_uri(f"sqlite:///{db}")  # no InputError
+    assert sqlite3.connect(db).execute("select count(*) from t").fetchone() == (200,)  # rolled back, whole
+
+
 def test_compare_with_a_damaged_tracking_uri_is_one_line(tmp_path, monkeypatch, capfd):
     db = _logged(tmp_path / "runs")
     damage(db, "garbage")
