@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from prefect import flow
 
-from infra.flow_run_exit import stops_on_signal
+from infra.flow_run_exit import guard_flow_run
 from infra.ray_runner import ensure_ray
 from infra.services import warm_tracking
 from infra.settings import Settings
@@ -51,7 +51,6 @@ def _checked(config: str | BenchmarkConfig, store: str | None, run_dir: str | No
 
 
 @flow(name="benchmark")
-@stops_on_signal
 def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
               tracking_uri: str | None = None, recompute: list[str] | None = None,
               compare_to: str | None = None, fail_on_regression: bool | None = None) -> dict[str, Any]:
@@ -61,6 +60,7 @@ def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
     `recompute` names stages, attacks or defenses (or 'all') to recompute although they are stored.
     `compare_to` ('previous') and `fail_on_regression` override the config's ``compare`` section: the
     regression gate (tasks.regression_gate, docs/compare.md)."""
+    guard_flow_run("benchmark")  # a worker's flow run: stopped with its worker, it ends Crashed, nothing left
     started = time.time()
     run_dir = run_dir or Settings.from_env().run_dir
     cfg, root = _checked(config, store, run_dir, tracking_uri)
@@ -141,17 +141,17 @@ class _Clock:
 
 
 @flow(name="ingest")
-@stops_on_signal
 def ingest_flow(config: str, store: str | None = None) -> str:
     """Stage 1 alone: store the dataset split; returns its key prefix."""
+    guard_flow_run("ingest")
     cfg, root = _checked(config, store)
     return t.ingest(root, cfg).key
 
 
 @flow(name="craft")
-@stops_on_signal
 def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-3: store every PoisonSet; returns their keys."""
+    guard_flow_run("craft")
     cfg, root = _checked(config, store)
     ensure_ray(cfg.execution)
     prefix = t.ingest(root, cfg).key
@@ -161,9 +161,9 @@ def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
 
 
 @flow(name="retrain")
-@stops_on_signal
 def retrain_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-4: store every victim; returns their keys."""
+    guard_flow_run("retrain")
     cfg, root = _checked(config, store)
     ensure_ray(cfg.execution)
     prefix = t.ingest(root, cfg).key

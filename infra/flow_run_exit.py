@@ -8,7 +8,7 @@ Measured before this module (Prefect 3.8.8, the benchmark flow in a Ray job): th
 the flow run stayed ``Running`` on the server for good (so no automation reran it), and Ray's dashboard
 and runtime-env agents outlived it, orphaned, for about a minute.
 
-:func:`stop_on_signal` wraps a flow's body; it acts only in the flow-run process a worker started
+:func:`guard_flow_run`, called first in each flow's body, acts only in the flow-run process a worker started
 (``PREFECT__FLOW_RUN_ID`` names this very run), in its main thread. ``belladonna run`` runs flows in a
 worker thread (:mod:`belladonna.session` handles its signals) and is left alone, as is a flow called
 in-process (a script, a test). It starts a small watcher (this module run as a script, in a session of
@@ -23,7 +23,7 @@ at once, from a handler, and exit with 128 + the signal number.
 
 from __future__ import annotations
 
-import functools
+import atexit
 import logging
 import os
 import select
@@ -32,11 +32,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import ParamSpec, TypeVar
+from typing import Any
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -44,8 +42,7 @@ REPORT_TIMEOUT_S = 15.0
 POLL_S = 0.5
 GRACE_S = 3.0
 ENDED = b"ended\n"
-P = ParamSpec("P")
-R = TypeVar("R")
+_state: dict[str, Any] = {"watcher": None}
 
 
 def _stat(pid: int) -> tuple[int, int, int] | None:
@@ -145,21 +142,23 @@ def watch(pid: int, flow_run_id: str) -> None:
                        only_if_running=True)
 
 
-@contextmanager
-def stop_on_signal(what: str) -> Iterator[None]:
-    """Around a flow's body (`what` names it in the message): see the module's docstring."""
+def guard_flow_run(what: str) -> None:
+    """Call first thing in a flow's body (`what` names the flow in the message): see the module's
+    docstring. In the flow-run process a worker started, what it installs lasts as long as the process,
+    which ends with the flow run; anywhere else it does nothing."""
     from prefect.runtime import flow_run
 
     flow_run_id = str(flow_run.id or "")
     if (threading.current_thread() is not threading.main_thread() or not flow_run_id
-            or os.environ.get("PREFECT__FLOW_RUN_ID") != flow_run_id or not Path("/proc/self/stat").exists()):
-        yield
+            or os.environ.get("PREFECT__FLOW_RUN_ID") != flow_run_id or not Path("/proc/self/stat").exists()
+            or _state.get("watcher") is not None):
         return
     watcher = subprocess.Popen([sys.executable, "-m", "infra.flow_run_exit", str(os.getpid()), flow_run_id],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, close_fds=True)
+    _state["watcher"] = watcher
 
-    def ended() -> None:
+    def ended() -> None:  # the process ends normally: Prefect has reported the flow run's final state
         try:
             assert watcher.stdin is not None
             watcher.stdin.write(ENDED)
@@ -177,25 +176,9 @@ def stop_on_signal(what: str) -> Iterator[None]:
         kill({p: s for p, s in ours(os.getpid(), group).items() if p != watcher.pid})  # anything started meanwhile
         os._exit(128 + signum)
 
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    atexit.register(ended)
     for signum in SIGNALS:
         signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        ended()  # Prefect reports how the flow ended; the watcher only stops leftovers when the process exits
-
-
-def stops_on_signal(fn: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a flow's function (under ``@flow``) to run its body inside :func:`stop_on_signal`."""
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with stop_on_signal(f"flow run of {fn.__name__}"):
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 if __name__ == "__main__":
