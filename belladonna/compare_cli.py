@@ -41,6 +41,9 @@ def _from_mlflow(run_id: str, out: Path, tracking_uri: str | None) -> dict[str, 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise InputError(f"MLflow run {run_id}: no tracking store at {uri} (set --tracking-uri)")
+    from infra.local_checks import check_tracking_uri
+
+    check_tracking_uri(uri, ", or name another with --tracking-uri")  # damaged: one line, not SQLAlchemy's SQL
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.artifacts import download_artifacts
 

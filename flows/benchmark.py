@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from prefect import flow
 
+from infra.flow_run_exit import guard_flow_run
 from infra.ray_runner import ensure_ray
 from infra.services import warm_tracking
 from infra.settings import Settings
@@ -41,11 +42,11 @@ def _config(config: str | BenchmarkConfig) -> BenchmarkConfig:
     return config if isinstance(config, BenchmarkConfig) else load_benchmark(presets.resolve(config))
 
 
-def _checked(config: str | BenchmarkConfig, store: str | None,
-             run_dir: str | None = None) -> tuple[BenchmarkConfig, str]:
+def _checked(config: str | BenchmarkConfig, store: str | None, run_dir: str | None = None,
+             tracking_uri: str | None = None) -> tuple[BenchmarkConfig, str]:
     """The config and the store root, after the preflight check (nothing started or written yet)."""
     cfg, target = _config(config), Store(store)
-    preflight(cfg, target, run_dir)
+    preflight(cfg, target, run_dir, tracking_uri)
     return cfg, target.root
 
 
@@ -59,9 +60,10 @@ def benchmark(config: str, store: str | None = None, run_dir: str | None = None,
     `recompute` names stages, attacks or defenses (or 'all') to recompute although they are stored.
     `compare_to` ('previous') and `fail_on_regression` override the config's ``compare`` section: the
     regression gate (tasks.regression_gate, docs/compare.md)."""
+    guard_flow_run("benchmark")  # a worker's flow run: stopped with its worker, it ends Crashed, nothing left
     started = time.time()
     run_dir = run_dir or Settings.from_env().run_dir
-    cfg, root = _checked(config, store, run_dir)
+    cfg, root = _checked(config, store, run_dir, tracking_uri)
     force = Recompute.parse(recompute, cfg)
     clock = _Clock()
     with clock("ray"):
@@ -141,6 +143,7 @@ class _Clock:
 @flow(name="ingest")
 def ingest_flow(config: str, store: str | None = None) -> str:
     """Stage 1 alone: store the dataset split; returns its key prefix."""
+    guard_flow_run("ingest")
     cfg, root = _checked(config, store)
     return t.ingest(root, cfg).key
 
@@ -148,6 +151,7 @@ def ingest_flow(config: str, store: str | None = None) -> str:
 @flow(name="craft")
 def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-3: store every PoisonSet; returns their keys."""
+    guard_flow_run("craft")
     cfg, root = _checked(config, store)
     ensure_ray(cfg.execution)
     prefix = t.ingest(root, cfg).key
@@ -159,6 +163,7 @@ def craft_flow(config: str, store: str | None = None) -> dict[str, str]:
 @flow(name="retrain")
 def retrain_flow(config: str, store: str | None = None) -> dict[str, str]:
     """Stages 1-4: store every victim; returns their keys."""
+    guard_flow_run("retrain")
     cfg, root = _checked(config, store)
     ensure_ray(cfg.execution)
     prefix = t.ingest(root, cfg).key

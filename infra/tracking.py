@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from infra.settings import Settings
 from infra.storage import check_key
+from infra.local_checks import check_tracking_uri
+from infra.tracking_db import db_error, is_db_error, moved_from, moved_name, sqlite_path
 from poison_core.errors import InputError
 
 if TYPE_CHECKING:
@@ -99,11 +101,20 @@ class Tracker:
         settings = Settings.from_env(**({"run_dir": str(run_dir)} if run_dir is not None else {}))
         self.run_dir = Path(settings.run_dir).expanduser().resolve()
         self.tracking_uri = tracking_uri or settings.tracking_uri
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_path(self.tracking_uri)
+        self._own_folder = False  # the default store: the run folder's database and mlartifacts
+        if db is not None:
+            check_tracking_uri(self.tracking_uri)  # damaged: one line naming the file, before MLflow opens it
+            db.parent.mkdir(parents=True, exist_ok=True)
+            self._own_folder = artifact_location is None and db.resolve() == self.run_dir / "mlflow.db"
             artifact_location = artifact_location or (self.run_dir / "mlartifacts").as_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        self.experiment_id = self._experiment(experiment, artifact_location)
+        try:
+            self.experiment_id = self._experiment(experiment, artifact_location)
+        except Exception as exc:
+            if db is None or not is_db_error(exc):
+                raise
+            raise db_error(exc, db) from None
         self._active: ContextVar[tuple[str, ...]] = ContextVar(f"belladonna_runs_{id(self)}", default=())
 
     def __repr__(self) -> str:
@@ -231,6 +242,13 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(name)
+        old = moved_from(found.artifact_location, self.run_dir) if found is not None and self._own_folder else None
+        if found is not None and old is not None:  # a moved or copied run folder: never write into the old one
+            kept = moved_name(name, old)
+            self.client.rename_experiment(found.experiment_id, kept)
+            log.warning("MLflow: %s was moved or copied from %s; experiment %r goes on in this folder (%s), its "
+                        "earlier runs are experiment %r", self.run_dir, old, name, artifact_location, kept)
+            found = None
         if found is not None:
             if "mlflow.experimentKind" not in found.tags:  # created by an older version
                 self.client.set_experiment_tag(found.experiment_id, "mlflow.experimentKind", "custom_model_development")

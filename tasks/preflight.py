@@ -17,14 +17,16 @@ from poison_core.members import check_names
 from poison_core.preflight import check_benchmark
 
 
-def preflight(cfg: BenchmarkConfig, store: Store | None = None, run_dir: str | Path | None = None) -> DatasetSplits:
-    """Raise one InputError line unless `cfg` can run on its dataset into `store` and `run_dir`;
-    returns the dataset's splits (read once here, so a missing or corrupt file is reported now). Member
-    names and parameters are checked first (poison_core.members), before any path or file is looked at."""
+def preflight(cfg: BenchmarkConfig, store: Store | None = None, run_dir: str | Path | None = None,
+              tracking_uri: str | None = None) -> DatasetSplits:
+    """Raise one InputError line unless `cfg` can run on its dataset into `store` and `run_dir` (and its
+    MLflow database: `tracking_uri`, else MLFLOW_TRACKING_URI, else the run folder's); returns the
+    dataset's splits (read once here, so a missing or corrupt file is reported now). Member names and
+    parameters are checked first (poison_core.members), before any path or file is looked at."""
     check_names(cfg)
     if run_dir is not None:
         check_local_folder(run_dir, "--out")
-        check_tracking_db(run_dir)
+        check_tracking_db(run_dir, tracking_uri)
         check_prefect_home()
     if store is not None:
         store.check_writable()

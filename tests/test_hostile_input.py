@@ -337,10 +337,13 @@ def _sqlite(path: Path, keep: float) -> None:
         db.executemany("insert into t values (?)", [("a" * 500,)] * 200)
     db.close()
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)] if keep < 1 else b"this is not a database" * 10)
+    if keep < 0:  # the header and the size intact, every later page garbage: only SQLite's own check sees it
+        path.write_bytes(data[:4096] + bytes((i * 7919) % 251 for i in range(len(data) - 4096)))
+    else:
+        path.write_bytes(data[: int(len(data) * keep)] if keep < 1 else b"this is not a database" * 10)
 
 
-OS_CASES = ["out-name-too-long", "store-name-too-long", "mlflow-db-truncated", "mlflow-db-not-sqlite",
+OS_CASES = ["out-name-too-long", "store-name-too-long", "mlflow-db-truncated", "mlflow-db-not-sqlite", "mlflow-db-garbage",
             "prefect-home-is-a-file", "prefect-home-is-a-fifo"]
 
 
@@ -358,10 +361,11 @@ def test_the_run_folder_and_its_services_are_checked_before_any_work(case, tmp_p
         argv, expected = [*argv, str(out), "--store", str(tmp_path / ("s" * 400))], ("--store", "400 bytes")
     elif case.startswith("mlflow-db"):
         out.mkdir()
-        _sqlite(out / "mlflow.db", 0.5 if case.endswith("truncated") else 1.0)
+        _sqlite(out / "mlflow.db", {"truncated": 0.5, "garbage": -1.0}.get(case.rsplit("-", 1)[1], 1.0))
         before = (out / "mlflow.db").read_bytes()
         argv = [*argv, str(out)]
-        expected = (str(out / "mlflow.db"), "damaged" if case.endswith("truncated") else "not an SQLite database")
+        expected = (str(out / "mlflow.db"), "not an SQLite database" if case.endswith("sqlite") else "damaged",
+                    "MLFLOW_TRACKING_URI")
     else:
         home = tmp_path / "prefect-home"
         home.write_text("x") if case.endswith("file") else os.mkfifo(home)
