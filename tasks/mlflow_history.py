@@ -91,5 +91,7 @@ def with_comparison(description: str, comparison: dict[str, Any]) -> str:
     results table (just above its first ``## `` section), cut to MLflow's tag length."""
     head, sep, rest = description.partition("\n## ")
     section = f"{COMPARED}\n\n" + to_markdown(comparison, changes_only=True, escape_brackets=True)
-    text = f"{verdict_line(comparison)}\n\n{head.rstrip()}\n\n{section.rstrip()}\n" + (f"\n## {rest}" if sep else "")
+    # a hard line break (two spaces), not a new paragraph: the verdict and the summary line take the
+    # height of two lines, so the run page shows the table's header and first row above "Show more"
+    text = f"{verdict_line(comparison)}  \n{head.strip()}\n\n{section.rstrip()}\n" + (f"\n## {rest}" if sep else "")
     return text[:MAX_TAG_LEN]

@@ -175,14 +175,18 @@ def _description(cfg: BenchmarkConfig, markdown: str, reasons: dict[str, dict[st
     """The parent run's description: one summary line and the results table first (what the run page
     shows before "Show more"), then the notes."""
     cells = len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)
-    grid = (f"{cells} cells ({len(cfg.attacks)} attacks x {len(cfg.defenses)} defenses x {len(cfg.seeds)} seeds) "
-            f"on {cfg.dataset.name}")
+    grid = (f"{cells} cells ({_count(len(cfg.attacks), 'attack')} x {_count(len(cfg.defenses), 'defense')} x "
+            f"{_count(len(cfg.seeds), 'seed')}) on {cfg.dataset.name}")
     lines = [f"**{cfg.name}**: {grid}; mean over seeds \\[95 % interval\\] (n).", "", markdown, "",
              "One nested run per cell: open a cell for its training curves and figures.",
              "Computed (not reused), and why: " + describe_counts(reason_counts(reasons)) + "."]
     if stage_seconds:
         lines.append("Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()) + ".")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _poison_grids(cfg: BenchmarkConfig, train, poison_sets: dict, folder: Path) -> dict[tuple, Path]:
