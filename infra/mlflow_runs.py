@@ -12,7 +12,9 @@
   threat model as params, the victim's per-epoch history as metric history (step = epoch) and the
   cell's own figures.
 
-Everything goes through :class:`infra.tracking.Tracker`'s secret filter.
+Every metric is logged at display precision (:func:`infra.tracking.display_round`, 4 significant
+digits); the exact values are in results.json and the tables. Everything goes through
+:class:`infra.tracking.Tracker`'s secret filter.
 """
 
 from __future__ import annotations
