@@ -222,25 +222,33 @@ def stage_retrain(config: Path, store: Optional[str] = typer.Option(None, help=S
 
 
 @app.command()
-def report(run_folder: Path = typer.Argument(..., help="A run folder, its results.json, a benchmark folder or name "
-                                             "(its latest run), or BENCHMARK/latest|previous|RUN_ID."),
+def report(run_folder: str = typer.Argument(..., help="A run folder, its results.json, a benchmark folder or name "
+                                            "(its latest run), BENCHMARK/latest|previous|RUN_ID, or "
+                                            "s3://.../runs/BENCHMARK[/latest|...] (a store's run history)."),
            out: Path = typer.Option(Path("runs"), help="Run folder that benchmark names are looked up in."),
-           html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML report page here.")
+           html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML report page here."),
+           store: Optional[str] = typer.Option(None, help="Look benchmark names up in this store's run history "
+                                               "(s3://bucket/prefix: STORE/runs/NAME) instead of --out.")
            ) -> None:
     """Print the results table of a finished run (and write its HTML page with --html)."""
+    import tempfile
+
     from belladonna.results_file import read_results
+    from tasks import store_history
     from tasks.run_history import resolve
 
-    path = resolve(str(run_folder), out)
-    result = read_results(path)  # a FIFO, a folder, bad UTF-8 or JSON, wrong types: one line, exit 2
-    summary = [row.model_dump() for row in result.summary]
-    console.print(_table(summary, title=f"{path.parent.name}"))
-    for stage, seconds in result.stage_seconds.items():
-        console.print(f"{stage:>10}: {seconds:7.1f}s", highlight=False)
-    if html is not None:
-        from tasks.html_report import write_report_for
+    with tempfile.TemporaryDirectory(prefix="belladonna-history-") as tmp:
+        remote = store_history.resolve(run_folder, store, Path(tmp))
+        path = remote if remote is not None else resolve(run_folder, out)
+        result = read_results(path)  # a FIFO, a folder, bad UTF-8 or JSON, wrong types: one line, exit 2
+        summary = [row.model_dump() for row in result.summary]
+        console.print(_table(summary, title=f"{path.parent.name}"))
+        for stage, seconds in result.stage_seconds.items():
+            console.print(f"{stage:>10}: {seconds:7.1f}s", highlight=False)
+        if html is not None:
+            from tasks.html_report import write_report_for
 
-        console.print(f"report page: {write_report_for(path, html)}", highlight=False)
+            console.print(f"report page: {write_report_for(path, html)}", highlight=False)
 
 
 @app.command()

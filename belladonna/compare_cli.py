@@ -1,7 +1,8 @@
 """`belladonna compare BASE NEW`: what changed between two runs, cell by cell, and is it noise?
 
 BASE and NEW are each a run folder, a results.json, a benchmark folder or name (its latest run),
-``BENCHMARK/latest|previous|latest~N|RUN_ID`` (tasks.run_history), or an MLflow parent run
+``BENCHMARK/latest|previous|latest~N|RUN_ID`` (tasks.run_history; in a store's history with ``--store
+s3://...`` or as ``s3://.../runs/BENCHMARK/...``: tasks.store_history), or an MLflow parent run
 (``runs:/RUN_ID`` or a 32-hex run id; its ``results.json`` artifact). Exit 0 when nothing got worse,
 1 when something did, 2 on bad input (one line). See docs/compare.md.
 """
@@ -23,15 +24,20 @@ from poison_core.errors import InputError
 MLFLOW_RUN = re.compile(r"^(?:runs:/)?([0-9a-f]{32})/?$")
 
 
-def load_run(arg: str, out: Path, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The validated results (belladonna.results_file) that `arg` names, as a plain dict."""
+def load_run(arg: str, out: Path, tracking_uri: str | None = None, store: str | None = None) -> dict[str, Any]:
+    """The validated results (belladonna.results_file) that `arg` names, as a plain dict: a local run,
+    an MLflow parent run, or a run in a store's history (``s3://.../runs/NAME[/SELECTOR]``, or
+    ``NAME[/SELECTOR]`` with `store`: tasks.store_history)."""
     from belladonna.results_file import read_results
+    from tasks import store_history
     from tasks.run_history import resolve
 
     match = MLFLOW_RUN.match(arg)
     if match and not Path(arg).exists():
         return _from_mlflow(match.group(1), out, tracking_uri)
-    return read_results(resolve(arg, out)).model_dump()
+    with tempfile.TemporaryDirectory(prefix="belladonna-history-") as tmp:
+        remote = store_history.resolve(arg, store, Path(tmp), history_runs=0)
+        return read_results(remote if remote is not None else resolve(arg, out)).model_dump()
 
 
 def _from_mlflow(run_id: str, out: Path, tracking_uri: str | None) -> dict[str, Any]:
@@ -89,7 +95,9 @@ def compare(base: str = typer.Argument(..., help="The earlier run (folder, resul
             as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
             markdown: bool = typer.Option(False, "--markdown", help="Print the comparison as markdown."),
             changes_only: bool = typer.Option(False, help="Show only entries that changed or are not comparable."),
-            tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for runs:/ID arguments.")
+            tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for runs:/ID arguments."),
+            store: Optional[str] = typer.Option(None, help="Look benchmark names up in this store's run history "
+                                                "(s3://bucket/prefix: STORE/runs/NAME) instead of --out.")
             ) -> None:
     """Compare two runs per cell and metric: both values, the change with its interval, and a verdict.
     Exit 0 when nothing got worse, 1 when something did, 2 on bad input."""
@@ -100,7 +108,8 @@ def compare(base: str = typer.Argument(..., help="The earlier run (folder, resul
     if as_json and markdown:
         raise InputError("--json and --markdown: choose one output format")
     thresholds = _thresholds(min_abs_change, min_rel_change, alpha, threshold)
-    result = compare_results(load_run(base, out, tracking_uri), load_run(new, out, tracking_uri), thresholds)
+    result = compare_results(load_run(base, out, tracking_uri, store), load_run(new, out, tracking_uri, store),
+                             thresholds)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     elif markdown:

@@ -1,10 +1,11 @@
 """What a user sees in the MLflow UI after a benchmark, checked in a real headless browser.
 
 Starts ``mlflow server`` on the run folder's store (127.0.0.1, a free port), opens in headless
-Chromium (Debian's ``chromium``, driven over the DevTools protocol) the experiment, the parent run,
-its figures, and a cell run (overview, metric charts, figures), takes a screenshot of each, and checks
-that every figure image on the figure pages actually loaded (``naturalWidth > 0``). Writes the
-screenshots and ``report.json`` to ``--out``; exits 1 if a figure did not load.
+Chromium (Debian's ``chromium``, driven over the DevTools protocol) the experiment, its runs list with
+the metric columns docs/compare.md says to pick, the parent run, its figures, and a cell run
+(overview, metric charts, figures), takes a screenshot of each, and checks that every figure image on
+the figure pages actually loaded (``naturalWidth > 0``). Writes the screenshots and ``report.json`` to
+``--out``; exits 1 if a figure did not load.
 
     belladonna run configs/... --out runs
     python -m benchmarks.mlflow_ui --run-dir runs --experiment quickstart --out runs/ui
@@ -119,6 +120,51 @@ class Page:
                 "images": json.loads(self.evaluate(IMAGES_JS) or "[]")}
 
 
+def click(page: Page, text: str) -> bool:
+    """A real mouse click (DevTools input events, which React's handlers see) on the smallest visible
+    element whose text is exactly `text`; False if there is none."""
+    rect = page.evaluate(
+        "(() => {const els = [...document.querySelectorAll('*')].filter(e => e.innerText && e.innerText.trim() === "
+        f"{json.dumps(text)} && e.getBoundingClientRect().width > 0); if (!els.length) return null; "
+        "const area = e => e.getBoundingClientRect().width * e.getBoundingClientRect().height; "
+        "els.sort((a, b) => area(a) - area(b)); const r = els[0].getBoundingClientRect(); "
+        "return [r.x + r.width / 2, r.y + r.height / 2];})()")
+    if rect is None:
+        return False
+    for kind in ("mousePressed", "mouseReleased"):
+        page.call("Input.dispatchMouseEvent", type=kind, x=rect[0], y=rect[1], button="left", clickCount=1)
+    return True
+
+
+def pick_columns(page: Page, names: list[str], screenshot: Path) -> dict[str, Any]:
+    """On the runs list: open **Columns**, search and tick each metric of `names`, close the menu, scroll
+    the table to its right end and take a screenshot; returns the column headers the table then has."""
+    time.sleep(3)
+    picked = {"Columns": click(page, "Columns")}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "Metrics (" not in (page.evaluate("document.body.innerText") or ""):
+        time.sleep(1)
+    for name in names:
+        page.evaluate("(() => {const i = [...document.querySelectorAll('input')].find(i => i.placeholder === "
+                      "'Search columns'); if (!i) return; Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, "
+                      f"'value').set.call(i, {json.dumps(name)}); i.dispatchEvent(new Event('input', "
+                      "{bubbles: true}));})()")
+        time.sleep(2)
+        picked[name] = click(page, name)
+        time.sleep(2)
+    for kind in ("keyDown", "keyUp"):
+        page.call("Input.dispatchKeyEvent", type=kind, key="Escape", code="Escape", windowsVirtualKeyCode=27)
+    page.evaluate("[...document.querySelectorAll('button')].filter(b => (b.getAttribute('aria-label') || '')"
+                  ".toLowerCase().includes('close')).forEach(b => b.click())")  # the assistant's side panel
+    time.sleep(2)
+    page.evaluate("document.querySelectorAll('.ag-body-horizontal-scroll-viewport, .ag-center-cols-viewport, "
+                  ".ag-header-viewport').forEach(e => e.scrollLeft = 5000)")
+    time.sleep(2)
+    screenshot.write_bytes(base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"]))
+    headers = page.evaluate("[...document.querySelectorAll('.ag-header-cell')].map(e => e.innerText.trim())")
+    return {"screenshot": str(screenshot), "clicked": picked, "headers": [h for h in headers or [] if h]}
+
+
 def png_width(path: str) -> int:
     """The width in the PNG's IHDR chunk."""
     head = Path(path).read_bytes()[:24]
@@ -196,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             "cell_charts": page.visit(at(f"runs/{c_id}/model-metrics"), out / "6-cell-charts.png",
                                       "document.querySelectorAll('input').length > 0", settle=10, then=search_victim),
         }
+        # the runs list with the columns docs/compare.md recommends picking (the UI shows no metric by default)
+        headline = sorted(k for k in parent.data.metrics if k.endswith((".asr", ".clean_acc")))[:2]
+        page.visit(mlflow_runs.runs_view_url(base, eid), out / "1b-runs-columns-menu.png",
+                   "/[1-9][0-9]* matching runs/.test(document.body.innerText)")
+        columns = pick_columns(page, ["regression.worse", *headline], out / "1c-runs-with-columns.png")
+        log.info("runs list columns: %s", ", ".join(columns["headers"]))
         dpa = next((c for c in cells if c.data.tags.get("defense") == "dpa"), None)
         wanted = [("parent_heatmap", p_id, "heatmap_asr.png"),
                   ("parent_poisons", p_id, f"poisons_{cell.data.tags['attack']}.png"),
@@ -212,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             pages[name] = page.visit(at(f"runs/{run_id}/artifacts/figures/{file}"), out / f"fig-{name}.png",
                                      shows_figure(widths[name]), settle=2)
         figures = {name: figure_loaded(pages[name], width) for name, width in widths.items()}
-        report = {"experiment_id": eid, "parent": p_id, "cell": c_id, "figures_loaded": figures,
+        report = {"experiment_id": eid, "parent": p_id, "cell": c_id, "figures_loaded": figures, "runs_columns": columns,
                   "pages": {name: {k: v for k, v in p.items() if k != "text"} | {"text_head": p["text"][:400]}
                             for name, p in pages.items()}}
         (out / "report.json").write_text(json.dumps(report, indent=2))

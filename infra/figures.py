@@ -28,14 +28,15 @@ def _figure(width: float, height: float) -> Figure:
 
 def poison_grid(clean: np.ndarray, poisoned: np.ndarray, n: int = 8, amplify: float = 10,
                 orig_labels: Sequence[int] | None = None, poison_labels: Sequence[int] | None = None,
-                title: str = "", class_names: Sequence[str] | None = None) -> Figure:
+                title: str = "", class_names: Sequence[str] | None = None, total: int | None = None) -> Figure:
     """Rows: clean images, poisoned images, and the perturbation ``128 + amplify * (poisoned - clean)``.
 
     The third row is centred at grey: brighter pixels were pushed up, darker ones down, and a pure-grey
     tile means no change. `clean` and `poisoned` are uint8 NHWC of equal shape; the first `n` are shown.
     With labels, each column is titled ``original -> poison`` label (red when the label was changed), so a
     label flip or a backdoor's relabelling shows even where the pixels do not; `title` (the attack's name)
-    heads the figure.
+    heads the figure. `total` (the PoisonSet's size) makes the title say what is shown of how many:
+    ``8 of 404 poisons shown``; the L-inf and relabelled counts are those of the shown ones.
     """
     clean, poisoned = np.asarray(clean), np.asarray(poisoned)
     if clean.dtype != np.uint8 or poisoned.dtype != np.uint8 or clean.ndim != 4 or clean.shape != poisoned.shape:
@@ -71,7 +72,8 @@ def poison_grid(clean: np.ndarray, poisoned: np.ndarray, n: int = 8, amplify: fl
     linf = int(np.abs(delta).max())
     flipped = "" if orig_labels is None or poison_labels is None else \
         f", {int(np.sum(np.asarray(orig_labels)[:count] != np.asarray(poison_labels)[:count]))} labels changed"
-    fig.suptitle(f"{title + ': ' if title else ''}{count} poisons, L-inf {linf}/255{flipped}")
+    shown_of = f"{count} of {total} poisons shown" if total is not None and total > count else f"{count} poisons"
+    fig.suptitle(f"{title + ': ' if title else ''}{shown_of}, L-inf {linf}/255{flipped}")
     return fig
 
 

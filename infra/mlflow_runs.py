@@ -12,7 +12,9 @@
   threat model as params, the victim's per-epoch history as metric history (step = epoch) and the
   cell's own figures.
 
-Everything goes through :class:`infra.tracking.Tracker`'s secret filter.
+Every metric is logged at display precision (:func:`infra.tracking.display_round`, 4 significant
+digits); the exact values are in results.json and the tables. Everything goes through
+:class:`infra.tracking.Tracker`'s secret filter.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra.tracking import Tracker, redact, secret_values
+from infra.tracking import Tracker, display_round, redact, secret_values
 from poison_core.metrics import SUMMARY_COLUMNS, metric_kind
 
 if TYPE_CHECKING:
@@ -167,7 +169,7 @@ def log_history(tracker: Tracker, history: list[dict[str, Any]], run_id: str, st
         step = int(record["epoch"])
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                points.append(Metric(f"{prefix}{key}", float(value), start_ms + step, step))
+                points.append(Metric(f"{prefix}{key}", display_round(float(value)), start_ms + step, step))
     for i in range(0, len(points), 1000):  # MLflow's log_batch takes at most 1000 metrics
         tracker.client.log_batch(run_id, metrics=points[i:i + 1000])
     return len(points)

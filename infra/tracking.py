@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import logging
+import math
 import numbers
 import os
 import re
@@ -41,6 +42,17 @@ REDACTED = "[redacted]"
 MIN_EQUAL_LEN = 3
 MIN_CONTAINED_LEN = 6
 MAX_PARAM_LEN = 6000
+SIGNIFICANT = 4
+
+
+def display_round(value: float, significant: int = SIGNIFICANT) -> float:
+    """`value` as the MLflow UI should show it: `significant` significant digits, but never fewer than
+    its integer digits (0.906458797 -> 0.9065, 0.0123456 -> 0.01235, 123.456 -> 123.5, 12345.6 -> 12346);
+    integers, 0, NaN and infinities unchanged. The UI prints a metric's float as stored (16 digits), and
+    the exact values are in results.json and the tables."""
+    if not math.isfinite(value) or value == 0 or value == int(value):
+        return value
+    return round(value, max(0, significant - 1 - math.floor(math.log10(abs(value)))))
 
 
 def is_secret_name(name: str) -> bool:
@@ -165,6 +177,7 @@ class Tracker:
         self.client.log_batch(self._run_id(run_id), tags=[RunTag(k, v) for k, v in clean.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+        """Numbers as MLflow metrics, rounded for display (:func:`display_round`); secret-named ones dropped."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -174,7 +187,7 @@ class Tracker:
                 log.warning("not logging metric %r: the name looks like a credential", key)
                 continue
             try:
-                batch.append(Metric(key, float(value), now, step or 0))
+                batch.append(Metric(key, display_round(float(value)), now, step or 0))
             except (TypeError, ValueError):
                 raise InputError(f"metric {key!r} is not a number: {type(value).__name__}") from None
         self.client.log_batch(self._run_id(run_id), metrics=batch)

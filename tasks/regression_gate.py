@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infra.storage import Store
 from poison_core.compare import Thresholds, compare_results
 from poison_core.compare_format import headline, to_markdown
 from poison_core.config import BenchmarkConfig
-from tasks import run_history
+from tasks import mlflow_history, run_history, store_history
 
 log = logging.getLogger(__name__)
 EVENT = "belladonna.regression"
@@ -33,13 +34,30 @@ class RegressionError(RuntimeError):
     """A run the gate found worse than the previous one, under ``fail_on_regression``."""
 
 
-def previous_run(benchmark_dir: Path, store: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest completed run of this benchmark folder written against the same store, if any. A run
+def previous_run(benchmark_dir: Path, store: str, mlflow: dict[str, Any] | None = None
+                 ) -> tuple[str, dict[str, Any]] | None:
+    """The newest completed run of this benchmark written against the same store, if any: from the run
+    folder's history, else (a fresh machine) the store's own history when the store is remote
+    (tasks.store_history), else the newest FINISHED MLflow parent run of the benchmark and store at
+    `mlflow`'s tracking URI (tasks.mlflow_history; `mlflow`'s run id, this run's own, is skipped). A run
     the gate failed (``fail_on_regression``) is kept in the history but is no base: comparing the next
     run with it would accept the regression the night after it was caught."""
+    def usable(results: dict[str, Any]) -> bool:
+        return results.get("store") == store and not (results.get("regression_gate") or {}).get("failed")
+
     for run_id, results in reversed(run_history.history(benchmark_dir, limit=1000)):
-        if results.get("store") == store and not (results.get("regression_gate") or {}).get("failed"):
+        if usable(results):
             return run_id, results
+    if store_history.is_remote(store):
+        try:
+            for run_id, results in reversed(store_history.history(Store(store), benchmark_dir.name)):
+                if usable(results):
+                    log.info("regression gate: previous run %s found in %s", run_id, store)
+                    return run_id, results
+        except Exception as exc:  # noqa: BLE001 - an unreadable store history means look elsewhere
+            log.warning("regression gate: the run history in %s is not readable: %s", store, exc)
+    if mlflow and mlflow.get("tracking_uri"):
+        return mlflow_history.previous_run(mlflow["tracking_uri"], benchmark_dir.name, store, mlflow.get("run_id"))
     return None
 
 
@@ -56,7 +74,7 @@ def record_run(result: dict[str, Any], cfg: BenchmarkConfig, benchmark_dir: Path
         raise ValueError(f"compare_to: {target!r} is not one of previous, none")
     comparison = None
     if target == "previous":
-        found = previous_run(benchmark_dir, result.get("store"))
+        found = previous_run(benchmark_dir, result.get("store"), result.get("mlflow"))
         if found is None:
             log.info("regression gate: no previous completed run of %s in %s", cfg.name, benchmark_dir)
             result["comparison"] = None
@@ -70,6 +88,7 @@ def record_run(result: dict[str, Any], cfg: BenchmarkConfig, benchmark_dir: Path
     path = run_history.write_run(result, benchmark_dir, run_id)
     log.info("results: %s", path.resolve())
     page = _html(path, cfg)
+    _record_store(result.get("store"), cfg.name, run_id, path, page)
     _record_mlflow(result, path, page, comparison)
     if comparison is not None:
         _record_prefect(cfg.name, run_id, comparison)
@@ -97,6 +116,17 @@ def _html(results_path: Path, cfg: BenchmarkConfig) -> Path | None:
         return None
 
 
+def _record_store(store: str | None, name: str, run_id: str, results_path: Path, page: Path | None) -> None:
+    """The run's results and page in a remote store's own history too (tasks.store_history), so a machine
+    that sees only the store can report and compare; a failure is a warning (the local copy is written)."""
+    if not store or not store_history.is_remote(store):
+        return
+    try:
+        log.info("run history: %s", store_history.write_run(Store(store), name, run_id, results_path, page))
+    except Exception as exc:  # noqa: BLE001 - the results are written locally and in MLflow
+        log.warning("run history not written to %s: %s", store, exc)
+
+
 def _record_mlflow(result: dict[str, Any], results_path: Path, page: Path | None,
                    comparison: dict[str, Any] | None) -> None:
     """results.json, the page and the comparison on the MLflow parent run; the verdict in its tags and
@@ -116,14 +146,17 @@ def _record_mlflow(result: dict[str, Any], results_path: Path, page: Path | None
             client.log_artifact(run_id, str(page))
         if comparison is None:
             return
+        gate = result.get("regression_gate") or {}
         tracker.set_tags({"regression": str(comparison["regression"]).lower(),
                           "regression.worse": str(comparison["counts"]["worse"]),
-                          "regression.base_run": str(comparison["base"].get("run_id"))}, run_id=run_id)
+                          "regression.base_run": str(comparison["base"].get("run_id")),
+                          "regression.gate_failed": str(bool(gate.get("failed"))).lower()}, run_id=run_id)
+        # as metrics too: the runs list can show them as columns and sort by them
+        tracker.log_metrics({f"regression.{verdict.replace(' ', '_')}": float(n)
+                             for verdict, n in comparison["counts"].items()}, run_id=run_id)
         tracker.log_text(to_markdown(comparison), "comparison.md", run_id=run_id)
         old = client.get_run(run_id).data.tags.get(DESCRIPTION_TAG, "")
-        top = "## Compared with the previous run\n\n" + to_markdown(comparison, changes_only=True,
-                                                                     escape_brackets=True)
-        tracker.set_tags({DESCRIPTION_TAG: (top + "\n" + old)[:5000]}, run_id=run_id)
+        tracker.set_tags({DESCRIPTION_TAG: mlflow_history.with_comparison(old, comparison)}, run_id=run_id)
     except Exception as exc:  # noqa: BLE001 - tracking trouble is logged; results.json has it all
         log.warning("comparison not recorded in MLflow: %s", exc)
 

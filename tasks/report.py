@@ -37,6 +37,10 @@ from tasks.stages import StageOutput, load_splits, read_poisons
 log = logging.getLogger(__name__)
 RATE_HEATMAPS = ("clean_acc", "asr", "pair_flip_rate", "target_success")  # fixed 0-1 colour scale
 HEATMAP_METRICS = ("acc_drop", *RATE_HEATMAPS)
+NOTES = "## Notes"
+"""The description's first section heading: what comes before it (the summary line and the results
+table) is what MLflow's run page shows above its "Show more"; the regression gate puts its comparison
+just above it (tasks.regression_gate.with_comparison)."""
 INTERVALS_NOTE = ("Mean over seeds [95 % interval] (n). Targeted success: Wilson interval on the successes "
                   "pooled over the poison keys of every seed (n = keys). Rates and accuracies on test images: "
                   "Student-t interval over seeds (n = seeds; none from a single seed). Counts: no interval.")
@@ -76,7 +80,7 @@ def summarize(store: str, cfg: BenchmarkConfig, prefix: str, rows: list[dict[str
     poison_sets = {k: read_poisons(st, cfg, prefix, key, train) for k, key in poison_keys.items()}
     started = time.time() - sum((stage_seconds or {}).values()) if stage_seconds else None
     markdown = f"# {cfg.name}\n\n{markdown_table(summary)}\n\n{INTERVALS_NOTE}"
-    described = f"# {cfg.name}\n\n{markdown_table(summary, escape_brackets=True)}\n\n{INTERVALS_NOTE}"
+    described = f"{markdown_table(summary, escape_brackets=True)}\n\n{NOTES}\n\n{INTERVALS_NOTE}"
     with tempfile.TemporaryDirectory(prefix="belladonna-figures-") as tmp:
         grids = _poison_grids(cfg, train, poison_sets, Path(tmp))
         cells = [_cell_record(st, cfg, row, poison_sets[(row["attack"], row["seed"])], grids, outputs or {})
@@ -168,13 +172,21 @@ def _parent_tags(cfg: BenchmarkConfig, store: Store, dataset_checksum: str) -> d
 
 def _description(cfg: BenchmarkConfig, markdown: str, reasons: dict[str, dict[str, str]],
                  stage_seconds: dict[str, float] | None) -> str:
+    """The parent run's description: one summary line and the results table first (what the run page
+    shows before "Show more"), then the notes."""
     cells = len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)
-    lines = [markdown, "", f"{cells} cells ({len(cfg.attacks)} attacks x {len(cfg.defenses)} defenses x "
-             f"{len(cfg.seeds)} seeds), one nested run each: open a cell for its training curves and figures.",
+    grid = (f"{cells} cells ({_count(len(cfg.attacks), 'attack')} x {_count(len(cfg.defenses), 'defense')} x "
+            f"{_count(len(cfg.seeds), 'seed')}) on {cfg.dataset.name}")
+    lines = [f"**{cfg.name}**: {grid}; mean over seeds \\[95 % interval\\] (n).", "", markdown, "",
+             "One nested run per cell: open a cell for its training curves and figures.",
              "Computed (not reused), and why: " + describe_counts(reason_counts(reasons)) + "."]
     if stage_seconds:
         lines.append("Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage_seconds.items()) + ".")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _poison_grids(cfg: BenchmarkConfig, train, poison_sets: dict, folder: Path) -> dict[tuple, Path]:
@@ -186,8 +198,7 @@ def _poison_grids(cfg: BenchmarkConfig, train, poison_sets: dict, folder: Path) 
             continue
         fig = figures.poison_grid(train.images[train.positions(ps.ids)], ps.images, n=count,
                                   orig_labels=ps.orig_labels[:count], poison_labels=ps.poison_labels[:count],
-                                  title=f"{attack} (seed {seed}): {count} of {len(ps)} poisons",
-                                  class_names=train.class_names)
+                                  title=f"{attack} (seed {seed})", class_names=train.class_names, total=len(ps))
         path = folder / f"{attack}-seed{seed}" / "poisons.png"
         path.parent.mkdir(parents=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")

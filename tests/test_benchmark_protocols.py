@@ -49,10 +49,11 @@ def test_log_only_puts_the_stored_table_into_mlflow(tmp_path):
     for attack, protocol in {(r["attack"], r["protocol"]) for r in ROWS}:
         accs = [r["acc"] for r in ROWS if (r["attack"], r["protocol"]) == (attack, protocol)]
         name = f"{attack}.{protocol}"
-        assert metrics[f"{name}.acc_mean"] == pytest.approx(np.mean(accs))
+        # MLflow holds them at display precision (4 significant digits: infra.tracking.display_round)
+        assert metrics[f"{name}.acc_mean"] == pytest.approx(np.mean(accs), rel=5e-4)
         assert metrics[f"{name}.n_seeds"] == len(accs)
         if len(accs) > 1:
-            assert metrics[f"{name}.acc_std"] == pytest.approx(np.std(accs, ddof=1))
+            assert metrics[f"{name}.acc_std"] == pytest.approx(np.std(accs, ddof=1), rel=5e-4)
         else:
             assert f"{name}.acc_std" not in metrics
     assert len(metrics) == 4 * 2 + 2  # four cells (mean, n_seeds), two of them over seeds (std)

@@ -160,6 +160,8 @@ def test_poison_grid_names_the_attack_and_shows_label_changes():
     titles = [ax.get_title() for ax in grid.axes[:3]]
     assert titles == ["1 -> 7", "2", "3 -> 0"]
     assert grid.get_suptitle().startswith("label_flip: 3 poisons") and "2 labels changed" in grid.get_suptitle()
+    of_many = poison_grid(train.images, train.images, n=3, title="label_flip (seed 0)", total=404)
+    assert of_many.get_suptitle().startswith("label_flip (seed 0): 3 of 404 poisons shown, L-inf 0/255")
 
 
 def test_rate_heatmap_has_a_fixed_zero_one_scale():

@@ -253,3 +253,35 @@ def test_summarize_records_the_cells_that_ran(tmp_path, monkeypatch):
         if tags["defense"] != "dpa":  # DPA's history is its partitions, not epochs
             steps = [m.step for m in client.get_metric_history(child.info.run_id, "victim.loss")]
             assert steps == sorted(steps) and len(steps) >= 3
+
+
+def significant_digits(value: float) -> int:
+    return len(format(abs(value), ".15g").split("e")[0].replace(".", "").lstrip("0").rstrip("0"))
+
+
+def test_metrics_are_logged_at_display_precision_with_their_intervals_beside_them(tmp_path):
+    """What the run page's metrics table shows: 4 significant digits, not 16, and each headline value
+    followed by its own interval bounds and n when the names are sorted (as the UI lists them)."""
+    rows = [{"attack": "badnets", "defense": "none", "seed": s, "clean_acc": 0.906458797 + s / 3000,
+             "asr": 1 / 3 + s / 7, "acc_drop": 0.0011135857461024856 * (s + 1), "seconds_retrain": 123.456789}
+            for s in (0, 1, 2)]
+    summary = summarize(rows)
+    cell = CellRecord(name="badnets|none|seed0", row=rows[0],
+                      history=[{"epoch": e, "loss": 2 / 3 + e / 7} for e in range(3)])
+    tracker = Tracker(experiment="precision", run_dir=tmp_path)
+    parent = log_benchmark(tracker, BenchmarkRecord(name="precision", summary=summary, description="x",
+                                                    metrics={"pipeline.seconds.craft": 8.09912345},
+                                                    cells=[cell]))
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["badnets.none.clean_acc"] == 0.9068 and metrics["pipeline.seconds.craft"] == 8.099
+    assert metrics["badnets.none.asr_n"] == 3.0
+    assert all(significant_digits(v) <= 4 for v in metrics.values()), metrics
+    names = sorted(metrics)
+    for metric in ("badnets.none.asr", "badnets.none.clean_acc", "badnets.none.acc_drop"):
+        at = names.index(metric)
+        assert names[at:at + 4] == [metric, f"{metric}_ci_high", f"{metric}_ci_low", f"{metric}_n"]
+        assert metrics[f"{metric}_ci_low"] <= metrics[metric] <= metrics[f"{metric}_ci_high"]
+    (child,) = client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.data.metrics["clean_acc"] == 0.9065 and child.data.metrics["seconds_retrain"] == 123.5
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "victim.loss")] == [0.6667, 0.8095, 0.9524]
