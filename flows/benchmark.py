@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from prefect import flow
 
 from infra.ray_runner import ensure_ray
-from infra.services import warm_tracking
+from infra.warm_up import warm_tracking
 from infra.settings import Settings
 from infra.storage import Store
 from poison_core import presets

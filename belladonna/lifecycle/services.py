@@ -1,33 +1,46 @@
-"""Start the flow's services side by side instead of one after another, and stop them.
+"""The services a command runs its flow with, started side by side through the tools' own CLIs.
 
-A fresh ``belladonna run`` needs Prefect's API, a Ray instance whose workers import torch and
-Belladonna, and the driver's own imports. Started in sequence these cost more than the quick-start's
-compute. When no Prefect API is configured, :func:`start_services` starts this command's own local
-server with Prefect's CLI (``prefect server start``, as a child process, on a free port of 127.0.0.1,
-without the UI and the server services a local run does not use), then Ray and its warm-up jobs
-while that server starts; :meth:`Services.wait` waits for the server's health check before the flow
-starts, and :meth:`Services.stop` stops both when the command is done (before it prints its wall
-time). Prefect's own temporary server (``SubprocessASGIServer``) would do the same, but only after
-the driver imported the whole server (~2 s of CPU, fighting Ray's start for the interpreter lock:
-up to 11 s before its subprocess was even launched, measured on a loaded 2-core machine).
+A fresh ``belladonna run`` needs Prefect's API and a Ray instance whose workers import torch and
+Belladonna. :func:`start_services` starts, as child processes bound to 127.0.0.1 on free ports:
+
+* a Prefect server, with Prefect's CLI ``prefect server start`` (no UI, the server services a local
+  run does not use off through their ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED`` settings), unless a
+  Prefect API is configured or Prefect's ephemeral mode is off. This process's Prefect settings point
+  at it through ``prefect.settings.temporary_settings`` (the flow's thread runs in a copy of that
+  context: :func:`belladonna.lifecycle.session.off_main_thread`);
+* a Ray head, with Ray's CLI ``ray start --head --block --node-ip-address 127.0.0.1`` (a temp dir of
+  its own, so no address-less ``ray.init()`` elsewhere joins it), unless a Ray address is configured;
+  the driver connects with ``ray.init(address=...)`` (:func:`infra.ray_runner.ensure_ray`), whose
+  workers start importing the stage code at once.
+
+:meth:`Services.stop` runs at interpreter exit (:func:`atexit.register`, registered before Prefect
+and Ray register theirs, so it runs after them): Prefect's event and log workers send their last items
+from the interpreter's thread exit hooks, which run before :mod:`atexit`'s, while the server still
+answers; then Ray's driver disconnects, and the two processes and what they started are stopped by
+PID (SIGTERM, then SIGKILL after a grace period: :data:`STOP_S`).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from infra.ray_runner import ensure_ray
-from poison_core.config import ExecutionConfig
+from belladonna.lifecycle import reaper
 from poison_core.errors import BelladonnaError
+
+if TYPE_CHECKING:
+    from poison_core.config import ExecutionConfig
 
 log = logging.getLogger(__name__)
 UNUSED_SERVER_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS",
@@ -35,10 +48,23 @@ UNUSED_SERVER_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLE
 """Prefect server services a local run does not use (deployment schedules, late and stuck runs,
 automations): ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED=false``. The task-run recorder and the event
 persister stay on, so the server records every task run."""
+RAY_START_S = 120.0
+"""How long a Ray head may take to answer (its raylet alone has 30 s to register)."""
+STOP_S = 15.0
+"""Grace period for the services to exit on SIGTERM before they are SIGKILLed. The ``ray start
+--block`` process itself only watches the node's processes, and on SIGTERM first drains the node (up
+to 30 s, for Ray Serve's replicas): it is SIGKILLed at once, as ``ray stop --force`` would, while the
+node's GCS, raylet and workers get SIGTERM."""
 
 
 class ServiceError(BelladonnaError):
     """A service this command started did not answer in time; the message says where its output is."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def server_env(home: str | None = None) -> dict[str, str]:
@@ -49,10 +75,26 @@ def server_env(home: str | None = None) -> dict[str, str]:
     return env | ({"PREFECT_HOME": home} if home else {})
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def prefect_server_command(port: int, *, ui: bool, log_level: str) -> list[str]:
+    """``prefect server start`` on 127.0.0.1:`port` without the scheduler and the late-runs service."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+            *([] if ui else ["--no-ui"]), "--no-scheduler", "--no-late-runs", "--analytics-off",
+            "--log-level", log_level]
+
+
+def ray_head_command(temp_dir: str) -> tuple[list[str], str]:
+    """``ray start --head --block`` on 127.0.0.1 with free ports and `temp_dir`; returns it and the
+    head's address (``127.0.0.1:<GCS port>``)."""
+    gcs = free_port()
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent))
+    prefix = [ray_cli] if ray_cli else [sys.executable, "-m", "ray.scripts.scripts"]
+    return [*prefix, "start", "--head", "--block", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
+            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"], f"127.0.0.1:{gcs}"
+
+
+def ray_env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
 
 def server_answers(api_url: str, timeout: float = 1.0) -> bool:
@@ -64,90 +106,105 @@ def server_answers(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def ray_head_answers(address: str, temp_dir: str, timeout: float = 1.0) -> bool:
+    """Ray's GCS accepts a connection and ``ray start`` has written its address (which it does once
+    the head node has started)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError:
+        return False
+    return (Path(temp_dir) / "ray_current_cluster").is_file()
+
+
 class Services:
-    """Handles on the services being started: `wait()` blocks until Prefect's API answers, `stop()`
-    stops what this command started."""
+    """The services this command started: `wait()` blocks until Prefect's API answers, `stop()` (also
+    run at interpreter exit) stops them."""
 
     def __init__(self) -> None:
-        self.server: subprocess.Popen | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
         self.api_url: str | None = None
+        self.ray_temp: str | None = None
+        self.settings = ExitStack()
+
+    def _launch(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """A child process in this command's session; its stderr is the command's (its log file)."""
+        self.procs[name] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return self.procs[name]
+
+    def start_ray_head(self) -> str:
+        """Start a local Ray head, once more if it exits before it answers (a loaded machine can miss the
+        raylet's fixed 30 s to register); returns its address."""
+        self.ray_temp = tempfile.mkdtemp(prefix="belladonna-ray-")  # short: Ray's socket paths
+        for attempt in range(2):
+            if attempt:
+                log.warning("ray: the local head did not start (a loaded machine?); starting it again")
+            command, address = ray_head_command(self.ray_temp)
+            proc = self._launch("ray", command, ray_env())
+            deadline = time.monotonic() + RAY_START_S
+            while not ray_head_answers(address, self.ray_temp):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            else:
+                return address
+            reaper.stop_tree(reaper.tree(proc.pid), STOP_S)
+            proc.wait()
+        raise ServiceError(f"the local Ray head did not answer within {RAY_START_S:g} s (exit code {proc.poll()}; "
+                           "its output is in this command's log)")
 
     def wait(self) -> None:
         """Wait for this command's Prefect server, if it started one: ServiceError if it exits or does
         not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS."""
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
+        server = self.procs.get("prefect")
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         deadline = time.monotonic() + timeout
-        while self.server is not None and not server_answers(self.api_url):
-            if self.server.poll() is not None or time.monotonic() > deadline:
+        while server is not None and self.api_url is not None and not server_answers(self.api_url):
+            if server.poll() is not None or time.monotonic() > deadline:
                 raise ServiceError(f"the local Prefect server {self.api_url} did not answer within {timeout:g} s "
-                                   f"(exit code {self.server.poll()}; its output is in this command's log)")
+                                   f"(exit code {server.poll()}; its output is in this command's log)")
             time.sleep(0.1)
 
     def stop(self) -> None:
-        """Send Prefect's last events and logs while its API still answers (Prefect drains them only at
-        interpreter exit), disconnect from Ray (a local instance: stop it), stop this command's server."""
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
+        """Disconnect from Ray, stop the processes this command started (and what they started), remove
+        the Ray head's temp dir. Idempotent."""
         from infra.ray_runner import shutdown
 
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
         shutdown()
-        if self.server is not None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        recorded: dict[int, int] = {}
+        for proc in self.procs.values():
+            recorded.update(reaper.tree(proc.pid))
+        ray_head = self.procs.get("ray")
+        reaper.stop_tree(recorded, STOP_S, kill=frozenset([ray_head.pid] if ray_head else []))
+        for proc in self.procs.values():
+            proc.wait()
+        self.procs = {}
+        if self.ray_temp is not None:
+            shutil.rmtree(self.ray_temp, ignore_errors=True)
+            self.ray_temp = None
+        self.settings.close()
 
 
 def start_services(execution: ExecutionConfig) -> Services:
-    """Start a local Prefect server (when no API URL is configured and Prefect's ephemeral mode is on)
-    and point this process's Prefect settings at it, then Ray (whose every node starts importing the
-    stage code at once: infra.ray_runner.ensure_ray)."""
-    from prefect.context import refresh_global_settings_context
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    """Start a local Ray head (unless execution.ray_address or RAY_ADDRESS names one) and a local Prefect
+    server (unless a Prefect API URL is configured or Prefect's ephemeral mode is off), side by side;
+    connect to Ray (infra.ray_runner.ensure_ray) while the server starts. :meth:`Services.stop` is
+    registered to run at interpreter exit."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    from infra.ray_runner import ensure_ray
 
     services = Services()
+    atexit.register(services.stop)
     if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         port = free_port()
         services.api_url = f"http://127.0.0.1:{port}/api"
-        services.server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
-             "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "ERROR"],
-            env=server_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # stderr: the command's log
-        os.environ["PREFECT_API_URL"] = services.api_url
-        refresh_global_settings_context()  # Prefect's settings pick up the variable
-    ensure_ray(execution)
+        services._launch("prefect", prefect_server_command(port, ui=False, log_level="ERROR"), server_env())
+        services.settings.enter_context(temporary_settings(updates={PREFECT_API_URL: services.api_url}))
+    head = None
+    if not (execution.ray_address or os.environ.get("RAY_ADDRESS")):
+        head = services.start_ray_head()
+    ensure_ray(execution, local_head=head)
     return services
-
-
-@contextmanager
-def warm_tracking(tracking_uri: str | None, experiment: str, run_dir: str) -> Iterator[threading.Thread]:
-    """Import MLflow and matplotlib and open (on a new run folder: create and migrate) the tracking
-    database in a background thread while the flow's jobs run on Ray: about 3 s that the summarize
-    stage would otherwise spend after the last job. Yields the thread (join it before summarizing)
-    and joins it on the way out, also when the flow fails, so the database is never left half
-    created. A failure here is only logged: the summarize stage's own Tracker raises it."""
-
-    def warm() -> None:
-        try:
-            import matplotlib.backends.backend_agg  # what infra.figures draws with
-            import matplotlib.figure  # noqa: F401
-
-            from infra.tracking import Tracker
-
-            Tracker(tracking_uri, experiment, run_dir=run_dir)
-        except Exception as exc:  # noqa: BLE001 - a warm-up only: summarize opens the store again
-            log.warning("tracking warm-up failed (%s); summarize retries", exc)
-
-    thread = threading.Thread(target=warm, name="tracking-warm-up", daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        thread.join()
