@@ -32,7 +32,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +99,20 @@ def ray_env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
 
+def _running(proc: subprocess.Popen) -> bool:
+    return proc.poll() is None
+
+
+def answered(ready: Callable[[], bool], alive: Callable[[], bool], timeout: float) -> bool:
+    """Poll `ready` until it holds (True), or `alive` no longer does or `timeout` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def server_answers(api_url: str, timeout: float = 1.0) -> bool:
     """True when the Prefect API at `api_url` answers its health check within `timeout` seconds."""
     try:
@@ -135,18 +151,13 @@ class Services:
     def start_ray_head(self) -> str:
         """Start a local Ray head, once more if it exits before it answers (a loaded machine can miss the
         raylet's fixed 30 s to register); returns its address."""
-        self.ray_temp = tempfile.mkdtemp(prefix="belladonna-ray-")  # short: Ray's socket paths
+        self.ray_temp = temp = tempfile.mkdtemp(prefix="belladonna-ray-")  # short: Ray's socket paths
         for attempt in range(2):
             if attempt:
                 log.warning("ray: the local head did not start (a loaded machine?); starting it again")
             command, address = ray_head_command(self.ray_temp)
             proc = self._launch("ray", command, ray_env())
-            deadline = time.monotonic() + RAY_START_S
-            while not ray_head_answers(address, self.ray_temp):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            else:
+            if answered(partial(ray_head_answers, address, temp), partial(_running, proc), RAY_START_S):
                 return address
             reaper.stop_tree(reaper.tree(proc.pid), STOP_S)
             proc.wait()
@@ -158,14 +169,12 @@ class Services:
         not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS."""
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-        server = self.procs.get("prefect")
+        server, url = self.procs.get("prefect"), self.api_url
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        deadline = time.monotonic() + timeout
-        while server is not None and self.api_url is not None and not server_answers(self.api_url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise ServiceError(f"the local Prefect server {self.api_url} did not answer within {timeout:g} s "
-                                   f"(exit code {server.poll()}; its output is in this command's log)")
-            time.sleep(0.1)
+        if server is not None and url is not None and not answered(partial(server_answers, url),
+                                                                   partial(_running, server), timeout):
+            raise ServiceError(f"the local Prefect server {url} did not answer within {timeout:g} s "
+                               f"(exit code {server.poll()}; its output is in this command's log)")
 
     def stop(self) -> None:
         """Disconnect from Ray, stop the processes this command started (and what they started), remove

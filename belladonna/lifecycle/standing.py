@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,9 @@ def start_standing(out: Path, timeout: float = 180.0) -> dict[str, Any]:
     os.replace(tmp, out / RECORD)
     deadline = time.monotonic() + timeout
     for name, entry in services.items():
-        while not _answers(name, entry):
-            if time.monotonic() > deadline or not _alive(entry):
-                stop_standing(out)
-                raise svc.ServiceError(f"services: {name} did not answer within {timeout:g} s (log: {entry['log']})")
-            time.sleep(0.25)
+        if not svc.answered(partial(_answers, name, entry), partial(_alive, entry), deadline - time.monotonic()):
+            stop_standing(out)
+            raise svc.ServiceError(f"services: {name} did not answer within {timeout:g} s (log: {entry['log']})")
     return record
 
 
