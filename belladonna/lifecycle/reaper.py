@@ -99,17 +99,25 @@ def wait_gone(recorded: dict[int, int], timeout: float) -> None:
         time.sleep(0.1)
 
 
-def stop_tree(recorded: dict[int, int], timeout: float, kill: frozenset[int] = frozenset()) -> None:
-    """SIGTERM each recorded process that still runs (same start time; those in `kill`: SIGKILL), give
-    them `timeout` s to exit by themselves (uvicorn, Ray's GCS and raylet shut down on SIGTERM), then
-    SIGKILL the rest."""
+def terminate(recorded: dict[int, int], kill: frozenset[int] = frozenset()) -> None:
+    """SIGTERM each recorded process that still runs (same start time); those in `kill`: SIGKILL."""
     for pid, start in recorded.items():
         if start_time(pid) == start:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL if pid in kill else signal.SIGTERM)
+
+
+def finish_off(recorded: dict[int, int], timeout: float) -> None:
+    """Give the recorded processes `timeout` s to exit by themselves, then SIGKILL the rest."""
     wait_gone(recorded, timeout)
     killed = kill_recorded(recorded)
     wait_gone({pid: recorded[pid] for pid in killed}, 5.0)  # SIGKILL is delivered asynchronously
+
+
+def stop_tree(recorded: dict[int, int], timeout: float, kill: frozenset[int] = frozenset()) -> None:
+    """:func:`terminate`, then :func:`finish_off` (uvicorn, Ray's GCS and raylet shut down on SIGTERM)."""
+    terminate(recorded, kill)
+    finish_off(recorded, timeout)
 
 
 def watch(parent: int) -> None:

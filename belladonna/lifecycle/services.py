@@ -17,7 +17,7 @@ Belladonna. :func:`start_services` starts, as child processes bound to 127.0.0.1
 and Ray register theirs, so it runs after them): Prefect's event and log workers send their last items
 from the interpreter's thread exit hooks, which run before :mod:`atexit`'s, while the server still
 answers; then Ray's driver disconnects, and the two processes and what they started are stopped by
-PID (SIGTERM, then SIGKILL after a grace period: :data:`STOP_S`).
+PID (SIGTERM, then SIGKILL after a grace period: :data:`STOP_S`, :data:`RAY_GRACE_S`).
 """
 
 from __future__ import annotations
@@ -52,11 +52,14 @@ automations): ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED=false``. The task-run rec
 persister stay on, so the server records every task run."""
 RAY_START_S = 120.0
 """How long a Ray head may take to answer (its raylet alone has 30 s to register)."""
-STOP_S = 15.0
-"""Grace period for the services to exit on SIGTERM before they are SIGKILLed. The ``ray start
---block`` process itself only watches the node's processes, and on SIGTERM first drains the node (up
-to 30 s, for Ray Serve's replicas): it is SIGKILLed at once, as ``ray stop --force`` would, while the
-node's GCS, raylet and workers get SIGTERM."""
+STOP_S = 10.0
+"""Grace period for the Prefect server to exit on SIGTERM before it is SIGKILLed."""
+RAY_GRACE_S = 2.0
+"""Grace period for the Ray head's processes (GCS, raylet, agents, workers) to exit on SIGTERM, as
+``ray stop --grace-period`` gives, before they are SIGKILLed (``ray.shutdown()`` of a local instance
+does not wait for them at all). The ``ray start --block`` process itself only watches them, and on
+SIGTERM first drains the node (up to 30 s, for Ray Serve's replicas): it is SIGKILLed at once, as
+``ray stop --force`` would."""
 
 
 class ServiceError(BelladonnaError):
@@ -159,7 +162,7 @@ class Services:
             proc = self._launch("ray", command, ray_env())
             if answered(partial(ray_head_answers, address, temp), partial(_running, proc), RAY_START_S):
                 return address
-            reaper.stop_tree(reaper.tree(proc.pid), STOP_S)
+            reaper.stop_tree(reaper.tree(proc.pid), RAY_GRACE_S, kill=frozenset([proc.pid]))
             proc.wait()
         raise ServiceError(f"the local Ray head did not answer within {RAY_START_S:g} s (exit code {proc.poll()}; "
                            "its output is in this command's log)")
@@ -182,11 +185,11 @@ class Services:
         from infra.ray_runner import shutdown
 
         shutdown()
-        recorded: dict[int, int] = {}
-        for proc in self.procs.values():
-            recorded.update(reaper.tree(proc.pid))
-        ray_head = self.procs.get("ray")
-        reaper.stop_tree(recorded, STOP_S, kill=frozenset([ray_head.pid] if ray_head else []))
+        trees = {name: reaper.tree(proc.pid) for name, proc in self.procs.items()}
+        for name, tree in trees.items():
+            reaper.terminate(tree, kill=frozenset([self.procs[name].pid] if name == "ray" else []))
+        for name, tree in trees.items():
+            reaper.finish_off(tree, RAY_GRACE_S if name == "ray" else STOP_S)
         for proc in self.procs.values():
             proc.wait()
         self.procs = {}

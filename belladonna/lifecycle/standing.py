@@ -117,7 +117,7 @@ def stop_standing(out: Path, timeout: float = 40.0) -> list[str]:
     recorded: dict[int, int] = {}
     for entry in alive.values():
         recorded.update(reaper.tree(entry["pid"]))
-    ray_head = alive.get("ray", {}).get("pid")  # SIGKILL: its SIGTERM drains the node first (svc.STOP_S)
+    ray_head = alive.get("ray", {}).get("pid")  # SIGKILL: its SIGTERM drains the node first (svc.RAY_GRACE_S)
     reaper.stop_tree(recorded, timeout, kill=frozenset([ray_head] if ray_head else []))
     if "temp_dir" in record["services"].get("ray", {}):
         shutil.rmtree(record["services"]["ray"]["temp_dir"], ignore_errors=True)
