@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from belladonna.standing import app as standing_app
+from belladonna.lifecycle.standing import app as standing_app
 from belladonna.check_cli import check_member_command
 from belladonna.store_cli import app as store_app
 from poison_core.errors import AuditError, InputError
@@ -57,10 +57,10 @@ def _load(config: Optional[Path]):
 
 
 def _supervise(logs: Path, name: str) -> None:
-    """Around a flow: a log file, Ctrl-C within seconds, a watcher (belladonna.session.supervise)."""
-    from belladonna import session
+    """Around a flow: a log file, Ctrl-C within seconds, a watcher (belladonna.lifecycle.supervise)."""
+    from belladonna import lifecycle
 
-    session.supervise(logs, name, lambda line: err_console.print(line, markup=False, soft_wrap=True))
+    lifecycle.supervise(logs, name, lambda line: err_console.print(line, markup=False, soft_wrap=True))
 
 
 def _quiet_services() -> None:
@@ -85,30 +85,29 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
 
     The last line is the command's wall time. Uses OUT's standing services (`belladonna services
     start`) while they answer."""
-    from belladonna import session, standing
+    from belladonna import lifecycle
+
+    timeline = lifecycle.begin()  # first: its exit handler runs after every other one
     from infra.storage import Store
     from tasks.preflight import preflight
     from tasks.recompute import Recompute
 
-    timeline = session.Timeline()
     cfg = _load(config)
     Recompute.parse(recompute, cfg)
     target = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store"))
     preflight(cfg, target, out)
     root = target.root
-    used = standing.use_standing(out)
+    used = lifecycle.use_standing(out)
     _quiet_services()
     _supervise(out / "logs", cfg.name)
-    from infra.services import start_services
-
-    services = start_services(cfg.execution)
+    services = lifecycle.start_services(cfg.execution)
     from flows.benchmark import benchmark
 
     services.wait()
     timeline.mark("start-up")
     flow_started = time.time()
     with err_console.status(f"{cfg.name}: {len(cfg.attacks) * len(cfg.defenses) * len(cfg.seeds)} cells"):
-        result = session.off_main_thread(benchmark, config=_text(config), store=root,  # writes results.json
+        result = lifecycle.off_main_thread(benchmark, config=_text(config), store=root,  # writes results.json
                                          run_dir=str(out.resolve()), recompute=list(recompute) or None)
     _report_quarantined(target, flow_started)
     timeline.mark("flow")
@@ -122,7 +121,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     console.print(f"computed (not reused): {counts}; store {root}{using}", highlight=False)
     console.print(ui_message(cfg.name, out.resolve()), markup=False, highlight=False, soft_wrap=True)
     timeline.mark("report")
-    session.finish(timeline, services.stop, lambda line: console.print(line, highlight=False))
+    lifecycle.finish(timeline, lambda line: console.print(line, highlight=False))  # printed at exit
 
 
 def _report_quarantined(store, started: float) -> None:
@@ -176,7 +175,7 @@ app.command("check")(check_member_command)
 
 
 def _stage(name: str, config: Path, store: Optional[str]) -> None:
-    from belladonna.standing import use_standing
+    from belladonna import lifecycle
     from infra.storage import Store
     from tasks.preflight import preflight
 
@@ -184,16 +183,16 @@ def _stage(name: str, config: Path, store: Optional[str]) -> None:
     cfg = _load(config)
     preflight(cfg, target)
     root = target.root
-    use_standing(Path("runs"))
+    lifecycle.use_standing(Path("runs"))
     _quiet_services()
     _supervise(Path("runs") / "logs", f"{cfg.name}-{name}")
+    services = lifecycle.start_services(cfg.execution)
     from flows import benchmark as flows
 
     flow = {"ingest": flows.ingest_flow, "craft": flows.craft_flow, "retrain": flows.retrain_flow}[name]
+    services.wait()
     flow_started = time.time()
-    from belladonna.session import off_main_thread
-
-    out = off_main_thread(flow, config=_text(config), store=root)
+    out = lifecycle.off_main_thread(flow, config=_text(config), store=root)
     _report_quarantined(target, flow_started)
     items = out.items() if isinstance(out, dict) else [("dataset", out)]
     for what, key in items:
@@ -322,7 +321,7 @@ def main() -> None:
     except typer.Abort:
         sys.exit(130)
     except Exception as raised:  # the last line of defense: it prints one line
-        from belladonna.session import log_file
+        from belladonna.lifecycle import log_file
 
         exc = _root_cause(raised)
         if log_file() is not None:  # the traceback goes to the log file only

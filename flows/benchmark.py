@@ -22,7 +22,7 @@ from prefect import flow
 
 from infra.flow_run_exit import guard_flow_run
 from infra.ray_runner import ensure_ray
-from infra.services import warm_tracking
+from infra.warm_up import warm_tracking
 from infra.settings import Settings
 from infra.storage import Store
 from poison_core import presets

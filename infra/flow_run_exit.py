@@ -10,9 +10,9 @@ and runtime-env agents outlived it, orphaned, for about a minute.
 
 :func:`guard_flow_run`, called first in each flow's body, acts only in the flow-run process a worker started
 (``PREFECT__FLOW_RUN_ID`` names this very run), in its main thread. ``belladonna run`` runs flows in a
-worker thread (:mod:`belladonna.session` handles its signals) and is left alone, as is a flow called
+worker thread (:mod:`belladonna.lifecycle.session` handles its signals) and is left alone, as is a flow called
 in-process (a script, a test). It starts a small watcher (this module run as a script, in a session of
-its own, connected by a pipe, as :mod:`belladonna.reaper` does for a command) that records the flow-run
+its own, connected by a pipe, as :mod:`belladonna.lifecycle.reaper` does for a command) that records the flow-run
 process's descendants and process-group members (PID and start time, twice a second). When the pipe
 closes without the flow saying it ended (killed, however), the watcher SIGKILLs those still running
 after a grace period, and, if the flow run is not in a final state, sets it ``Crashed`` with one line:

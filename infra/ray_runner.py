@@ -9,9 +9,8 @@ endpoint and the AWS credential chain's variables through the runtime_env the dr
 
 from __future__ import annotations
 
-import json
-import logging
 import contextlib
+import logging
 import importlib
 import os
 import signal
@@ -30,31 +29,38 @@ START_ATTEMPTS = 2
 loaded machine can miss once."""
 
 
-def ensure_ray(resources: ExecutionConfig) -> None:
-    """Connect to the cluster (or start a local instance) once per process. The workers of every node
-    that can run a job start importing the stage code at once (:func:`_warm_workers`), while the
-    driver goes on with the flow. On a cluster the driver's settings travel as the job's runtime_env
-    (a local instance's workers are this process's children and inherit its environment)."""
+def ensure_ray(resources: ExecutionConfig, local_head: str | None = None) -> None:
+    """Connect to the cluster (or a local instance) once per process. The workers of every node that
+    can run a job start importing the stage code at once (:func:`_warm_workers`), while the driver
+    goes on with the flow.
+
+    `local_head`: the address of a Ray head this command started on this machine (``ray start --head
+    --node-ip-address 127.0.0.1``: belladonna.lifecycle.services); its workers inherit the command's
+    environment, as a local instance's do. Otherwise execution.ray_address or RAY_ADDRESS names a
+    cluster, whose nodes get the driver's settings as the job's runtime_env (:func:`job_runtime_env`),
+    or, with neither, ``ray.init`` starts a local instance with its documented defaults."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = resources.ray_address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False,
-                              "logging_level": logging.WARNING}
+    address = local_head or resources.ray_address or os.environ.get("RAY_ADDRESS") or None
+    cluster = address is not None and local_head is None
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "logging_level": logging.WARNING}
     user_env = resources.runtime_env.as_ray()
-    if address is None:
-        kwargs.update(_node_ip_address="127.0.0.1")
-        if user_env:
-            kwargs["runtime_env"] = user_env
-    else:
-        kwargs.pop("include_dashboard")
+    if cluster:
         forwarded = job_runtime_env()
         env_vars = {**forwarded.get("env_vars", {}), **user_env.get("env_vars", {})}
         kwargs["runtime_env"] = {**user_env, **({"env_vars": env_vars} if env_vars else {})}
+        # a submitted job (ray job submit --runtime-env-json) has the same variables: Ray's documented
+        # switch lets the driver's (equal) values stand instead of refusing the repeated keys
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    elif user_env:
+        kwargs["runtime_env"] = user_env
+    if address is None:
+        kwargs["include_dashboard"] = False
     settings = Settings.from_env()
-    if address is not None:
+    if cluster:
         _probe(address, settings.ray_connect_timeout)
     for attempt in range(START_ATTEMPTS):
         try:
@@ -69,21 +75,18 @@ def ensure_ray(resources: ExecutionConfig) -> None:
             log.warning("ray: the local instance did not start in time (a loaded machine?); starting it again")
             ray.shutdown()
     log.info("ray: %s", ray.cluster_resources())
-    check_cluster_resources(resources, settings.ray_resource_wait if address is not None else 0.0)
+    check_cluster_resources(resources, settings.ray_resource_wait if cluster else 0.0)
     _warm_workers(resources)
 
 
 def job_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The runtime_env a driver connects to a cluster with: ``env_vars`` of :func:`infra.settings.job_env`
-    (``BELLADONNA_*``, the MLflow tracking URI, the S3 endpoint, the AWS credential chain's variables),
-    less those a submitted job (``ray job submit --runtime-env-json``) already gives all its tasks: Ray
-    refuses a driver runtime_env that repeats one of the job's variables. Holds credentials: never log it."""
-    env = os.environ if environ is None else environ
-    given: dict[str, str] = {}
-    if env.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for a submitted job's driver
-        job = json.loads(env["RAY_JOB_CONFIG_JSON_ENV_VAR"])
-        given = (job.get("runtime_env") or {}).get("env_vars") or {}
-    env_vars = {k: v for k, v in job_env(env).items() if k not in given}
+    (``BELLADONNA_*``, the MLflow tracking URI, the S3 endpoint, the AWS credential chain's variables).
+    Inside a submitted job (``ray job submit --runtime-env-json``) the driver's environment holds the
+    job's variables, so it repeats them with the same values; :func:`ensure_ray` sets Ray's documented
+    ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` so that Ray merges the two instead of refusing the repeated keys.
+    Holds credentials: never log it."""
+    env_vars = job_env(os.environ if environ is None else environ)
     log.info("ray: jobs get %s from this driver's environment", ", ".join(sorted(env_vars)) or "no variables")
     return {"env_vars": env_vars} if env_vars else {}
 

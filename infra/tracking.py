@@ -6,7 +6,8 @@ containing) the value of any environment variable with such a name is redacted. 
 :class:`mlflow.MlflowClient` (no global fluent state); nesting is MLflow's own ``mlflow.parentRunId``
 tag, so the UI and ``search_runs`` see real child runs. The default backend is
 ``sqlite:///<run_dir>/mlflow.db`` (MLflow 3 refuses a plain file store), artifacts under
-``<run_dir>/mlartifacts``. mlflow is imported when a Tracker starts, after telemetry is disabled.
+``<run_dir>/mlartifacts``. mlflow is imported when a Tracker starts, after its documented switch
+``MLFLOW_DISABLE_TELEMETRY`` is set (unless the user set it): MLflow reads it when it is first imported.
 """
 
 from __future__ import annotations
@@ -105,11 +106,9 @@ class Tracker:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "belladonna", *,
                  run_dir: str | Path | None = None, artifact_location: str | None = None) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reads it when first imported
         import mlflow
-        from mlflow.telemetry import set_telemetry_client
 
-        set_telemetry_client()  # re-reads the switch in case mlflow was imported before
         settings = Settings.from_env(**({"run_dir": str(run_dir)} if run_dir is not None else {}))
         self.run_dir = Path(settings.run_dir).expanduser().resolve()
         self.tracking_uri = tracking_uri or settings.tracking_uri

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from belladonna.reaper import descendants, kill_recorded
+from belladonna.lifecycle.reaper import descendants, kill_recorded
 
 RAY = shutil.which("ray")
 NOT_INHERITED = ("BELLADONNA_", "MLFLOW_TRACKING", "AWS_", "RAY_ADDRESS", "PREFECT_API_URL", "PREFECT_HOME")

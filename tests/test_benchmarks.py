@@ -80,7 +80,7 @@ def test_runner_writes_json_and_markdown(tmp_path):
 
 
 def test_tracking_warm_up_creates_the_experiment(tmp_path):
-    from infra.services import warm_tracking
+    from infra.warm_up import warm_tracking
     from infra.tracking import Tracker
 
     with warm_tracking(None, "warmed", str(tmp_path)) as thread:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from belladonna import reaper
+from belladonna.lifecycle import reaper
 
 TINY = """
 name: tiny

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from belladonna.reaper import descendants, kill_recorded
+from belladonna.lifecycle.reaper import descendants, kill_recorded
 from infra.storage import Store
 from poison_core.config import load_benchmark
 from tests.pipeline_helpers import QUIET, audit_store

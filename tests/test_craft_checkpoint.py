@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from belladonna.reaper import descendants
+from belladonna.lifecycle.reaper import descendants
 
 from poison_core.attacks import CraftContext, LocalActorGroup, make_attack
 from poison_core.checkpoint import Checkpointer, CraftState

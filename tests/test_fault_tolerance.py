@@ -15,7 +15,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from belladonna.reaper import descendants, kill_recorded
+from belladonna.lifecycle.reaper import descendants, kill_recorded
 from infra.storage import Store
 from poison_core.config import load_benchmark
 from tests.pipeline_helpers import QUIET, audit_store
@@ -63,7 +63,7 @@ def _kill(proc: subprocess.Popen) -> dict[int, int]:
 def _stop(proc: subprocess.Popen, recorded: dict[int, int] | None = None) -> None:
     """Stop what is left of a run we started, by PID: never another user's Ray (no `ray stop`)."""
     recorded = {**(recorded or {}), **_kill(proc)}
-    deadline = time.monotonic() + 30  # the run's own watcher stops them first (belladonna.reaper)
+    deadline = time.monotonic() + 30  # the run's own watcher stops them first (belladonna.lifecycle.reaper)
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in recorded):
         time.sleep(0.2)
     kill_recorded(recorded)

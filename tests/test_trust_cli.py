@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from belladonna.reaper import descendants, kill_recorded, start_time
+from belladonna.lifecycle.reaper import descendants, kill_recorded, start_time
 from infra.storage import Store
 from poison_core.config import load_benchmark
 from poison_core.io import table_to_bytes

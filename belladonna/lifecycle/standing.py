@@ -1,12 +1,14 @@
 """Standing local services: a Prefect server and a Ray head started once, reused by later runs.
 
 ``belladonna run`` on its own starts a Prefect server of its own (a subprocess that imports the
-server, migrates its database and answers after several seconds: :mod:`infra.services`) and a local
-Ray instance, and stops both at its end: no process it starts outlives it (:mod:`belladonna.reaper`). ``belladonna services start
+server, migrates its database and answers after several seconds) and a local Ray head
+(:mod:`belladonna.lifecycle.services`), and stops both at its end: no process it starts outlives it
+(:mod:`belladonna.lifecycle.reaper`). ``belladonna services start
 --out OUT`` is the explicit, documented exception, as ``ray start`` is for Ray: it starts both in
 sessions of their own, records them by PID and start time in ``OUT/services/services.json`` (never
 found by name), and every later ``run`` / ``stage`` on OUT uses them while they answer
-(:func:`use_standing`), skipping those start-ups and the local Ray instance's stop.
+(:func:`use_standing`), skipping those start-ups and stops. Both are started with the same
+commands as a run's own (:func:`services.prefect_server_command`, :func:`services.ray_head_command`).
 ``belladonna services stop --out OUT`` stops exactly the recorded processes and what they started.
 Flows stay real Prefect flows, tracked by that server (its UI shows them); jobs stay real Ray tasks.
 """
@@ -18,18 +20,16 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from belladonna import reaper
+from belladonna.lifecycle import reaper, services as svc
 
 log = logging.getLogger(__name__)
 RECORD = Path("services") / "services.json"
@@ -44,18 +44,11 @@ def _env_digest(environ: dict[str, str]) -> str:
 
 
 def _answers(name: str, entry: dict[str, Any], timeout: float = 1.0) -> bool:
-    """The recorded service is up: Prefect's API answers /health; Ray's GCS accepts a connection and
-    ``ray start`` has written its address (which it does once the head node has started)."""
-    from infra.services import server_answers
-
+    """The recorded service is up: Prefect's API answers /health; Ray's head answers
+    (:func:`services.ray_head_answers`)."""
     if name == "prefect":
-        return server_answers(entry["url"], timeout)
-    host, port = entry["address"].rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError:
-        return False
-    return (Path(entry["temp_dir"]) / "ray_current_cluster").is_file()
+        return svc.server_answers(entry["url"], timeout)
+    return svc.ray_head_answers(entry["address"], entry["temp_dir"], timeout)
 
 
 def _read(out: Path) -> dict[str, Any] | None:
@@ -81,23 +74,18 @@ def start_standing(out: Path, timeout: float = 180.0) -> dict[str, Any]:
     services a local run does not use off, the UI on) and a Ray head (``ray start --head --block``),
     each in a session of its own so that they outlive this command; record them; wait until both
     answer."""
-    from infra.services import ServiceError, free_port, server_env
-
     if any(standing(out).values()):
-        raise ServiceError(f"services already run for {out} (belladonna services status / stop --out {out})")
+        raise svc.ServiceError(f"services already run for {out} (belladonna services status / stop --out {out})")
     folder = (out / RECORD.parent).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    prefect_env = server_env(str(folder / "prefect"))
-    port, gcs, client = free_port(), free_port(), free_port()
+    port = svc.free_port()
     ray_temp = tempfile.mkdtemp(prefix="belladonna-ray-")  # short (Ray's socket paths), and not /tmp/ray:
     # `ray start` writes its address there, and every address-less ray.init() on the machine joins it
+    ray_command, ray_address = svc.ray_head_command(ray_temp)
     commands = {
-        "prefect": ([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                     "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "WARNING"], prefect_env),
-        "ray": ([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(gcs),
-                 "--node-ip-address", "127.0.0.1", "--ray-client-server-port", str(client),
-                 "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_temp}"],
-                {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}),
+        "prefect": (svc.prefect_server_command(port, ui=True, log_level="WARNING"),
+                    svc.server_env(str(folder / "prefect"))),
+        "ray": (ray_command, svc.ray_env()),
     }
     services: dict[str, Any] = {}
     for name, (command, env) in commands.items():
@@ -106,41 +94,35 @@ def start_standing(out: Path, timeout: float = 180.0) -> dict[str, Any]:
                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         services[name] = {"pid": proc.pid, "start": reaper.start_time(proc.pid), "log": str(folder / f"{name}.log")}
     services["prefect"]["url"] = f"http://127.0.0.1:{port}/api"
-    services["ray"].update(address=f"127.0.0.1:{gcs}", temp_dir=ray_temp)
+    services["ray"].update(address=ray_address, temp_dir=ray_temp)
     record = {"services": services, "env": _env_digest(dict(os.environ))}
     tmp = folder / f".services.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
     os.replace(tmp, out / RECORD)
     deadline = time.monotonic() + timeout
     for name, entry in services.items():
-        while not _answers(name, entry):
-            if time.monotonic() > deadline or not _alive(entry):
-                stop_standing(out)
-                raise ServiceError(f"services: {name} did not answer within {timeout:g} s (log: {entry['log']})")
-            time.sleep(0.25)
+        if not svc.answered(partial(_answers, name, entry), partial(_alive, entry), deadline - time.monotonic()):
+            stop_standing(out)
+            raise svc.ServiceError(f"services: {name} did not answer within {timeout:g} s (log: {entry['log']})")
     return record
 
 
 def stop_standing(out: Path, timeout: float = 40.0) -> list[str]:
-    """Stop the standing services recorded under `out` (SIGTERM: Ray drains and stops its processes,
-    uvicorn shuts down), SIGKILL what of them is left after `timeout` s; returns the names stopped."""
+    """Stop the standing services recorded under `out` and what they started (SIGTERM: Ray's processes
+    and uvicorn shut down), SIGKILL what of them is left after `timeout` s; returns the names stopped."""
     record = _read(out)
     if record is None:
         return []
-    stopped, tree = [], {}
-    for name, entry in record["services"].items():
-        if _alive(entry):
-            tree.update({entry["pid"]: entry["start"], **reaper.descendants(entry["pid"])})
-            os.kill(entry["pid"], signal.SIGTERM)
-            stopped.append(name)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(reaper.start_time(p) == s for p, s in tree.items()):
-        time.sleep(0.2)
-    reaper.kill_recorded(tree)
+    alive = {name: entry for name, entry in record["services"].items() if _alive(entry)}
+    recorded: dict[int, int] = {}
+    for entry in alive.values():
+        recorded.update(reaper.tree(entry["pid"]))
+    ray_head = alive.get("ray", {}).get("pid")  # SIGKILL: its SIGTERM drains the node first (svc.RAY_GRACE_S)
+    reaper.stop_tree(recorded, timeout, kill=frozenset([ray_head] if ray_head else []))
     if "temp_dir" in record["services"].get("ray", {}):
         shutil.rmtree(record["services"]["ray"]["temp_dir"], ignore_errors=True)
     (out / RECORD).unlink(missing_ok=True)
-    return stopped
+    return list(alive)
 
 
 def use_standing(out: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ start time still matches — only processes the command started, never one found
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -25,13 +26,14 @@ GRACE_S = 3.0
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of `pid`, or None if it is gone."""
+    """(parent pid, start time in clock ticks) of `pid`, or None if it is gone (a zombie, which has
+    exited and waits only for its parent to read its status, counts as gone)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[19])
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
 
 
 def start_time(pid: int) -> int | None:
@@ -84,6 +86,40 @@ def kill_recorded(recorded: dict[int, int]) -> list[int]:
     return killed
 
 
+def tree(pid: int) -> dict[int, int]:
+    """`pid` and its live descendants as {pid: start time} (empty if `pid` is gone)."""
+    start = start_time(pid)
+    return {} if start is None else {pid: start, **descendants(pid)}
+
+
+def wait_gone(recorded: dict[int, int], timeout: float) -> None:
+    """Wait up to `timeout` s for the recorded processes to exit (bounded; polls /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(start_time(p) == s for p, s in recorded.items()):
+        time.sleep(0.1)
+
+
+def terminate(recorded: dict[int, int], kill: frozenset[int] = frozenset()) -> None:
+    """SIGTERM each recorded process that still runs (same start time); those in `kill`: SIGKILL."""
+    for pid, start in recorded.items():
+        if start_time(pid) == start:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL if pid in kill else signal.SIGTERM)
+
+
+def finish_off(recorded: dict[int, int], timeout: float) -> None:
+    """Give the recorded processes `timeout` s to exit by themselves, then SIGKILL the rest."""
+    wait_gone(recorded, timeout)
+    killed = kill_recorded(recorded)
+    wait_gone({pid: recorded[pid] for pid in killed}, 5.0)  # SIGKILL is delivered asynchronously
+
+
+def stop_tree(recorded: dict[int, int], timeout: float, kill: frozenset[int] = frozenset()) -> None:
+    """:func:`terminate`, then :func:`finish_off` (uvicorn, Ray's GCS and raylet shut down on SIGTERM)."""
+    terminate(recorded, kill)
+    finish_off(recorded, timeout)
+
+
 def watch(parent: int) -> None:
     """Record `parent`'s descendants until standard input closes, then stop the ones still running."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -94,9 +130,7 @@ def watch(parent: int) -> None:
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break
         recorded.update({pid: start for pid, start in descendants(parent).items() if pid != me})
-    deadline = time.monotonic() + GRACE_S
-    while time.monotonic() < deadline and any(start_time(p) == s for p, s in recorded.items()):
-        time.sleep(0.1)
+    wait_gone(recorded, GRACE_S)
     kill_recorded(recorded)
 
 
@@ -105,7 +139,7 @@ def start() -> subprocess.Popen | None:
     stays open for this process's life: the operating system closes it when the process ends."""
     if not Path(f"/proc/{os.getpid()}/stat").exists():
         return None
-    return subprocess.Popen([sys.executable, "-m", "belladonna.reaper", str(os.getpid())], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "belladonna.lifecycle.reaper", str(os.getpid())], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True)
 

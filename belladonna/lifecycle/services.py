@@ -1,0 +1,222 @@
+"""The services a command runs its flow with, started side by side through the tools' own CLIs.
+
+A fresh ``belladonna run`` needs Prefect's API and a Ray instance whose workers import torch and
+Belladonna. :func:`start_services` starts, as child processes bound to 127.0.0.1 on free ports:
+
+* a Prefect server, with Prefect's CLI ``prefect server start`` (no UI, the server services a local
+  run does not use off through their ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED`` settings), unless a
+  Prefect API is configured or Prefect's ephemeral mode is off. This process's Prefect settings point
+  at it through ``prefect.settings.temporary_settings`` (the flow's thread runs in a copy of that
+  context: :func:`belladonna.lifecycle.session.off_main_thread`);
+* a Ray head, with Ray's CLI ``ray start --head --block --node-ip-address 127.0.0.1`` (a temp dir of
+  its own, so no address-less ``ray.init()`` elsewhere joins it), unless a Ray address is configured;
+  the driver connects with ``ray.init(address=...)`` (:func:`infra.ray_runner.ensure_ray`), whose
+  workers start importing the stage code at once.
+
+:meth:`Services.stop` runs at interpreter exit (:func:`atexit.register`, registered before Prefect
+and Ray register theirs, so it runs after them): Prefect's event and log workers send their last items
+from the interpreter's thread exit hooks, which run before :mod:`atexit`'s, while the server still
+answers; then Ray's driver disconnects, and the two processes and what they started are stopped by
+PID (SIGTERM, then SIGKILL after a grace period: :data:`STOP_S`, :data:`RAY_GRACE_S`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from belladonna.lifecycle import reaper
+from poison_core.errors import BelladonnaError
+
+if TYPE_CHECKING:
+    from poison_core.config import ExecutionConfig
+
+log = logging.getLogger(__name__)
+UNUSED_SERVER_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS",
+                          "REPOSSESSOR", "CLEANUP_RECONCILER", "TRIGGERS")
+"""Prefect server services a local run does not use (deployment schedules, late and stuck runs,
+automations): ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED=false``. The task-run recorder and the event
+persister stay on, so the server records every task run."""
+RAY_START_S = 120.0
+"""How long a Ray head may take to answer (its raylet alone has 30 s to register)."""
+STOP_S = 10.0
+"""Grace period for the Prefect server to exit on SIGTERM before it is SIGKILLed."""
+RAY_GRACE_S = 2.0
+"""Grace period for the Ray head's processes (GCS, raylet, agents, workers) to exit on SIGTERM, as
+``ray stop --grace-period`` gives, before they are SIGKILLed (``ray.shutdown()`` of a local instance
+does not wait for them at all). The ``ray start --block`` process itself only watches them, and on
+SIGTERM first drains the node (up to 30 s, for Ray Serve's replicas): it is SIGKILLed at once, as
+``ray stop --force`` would."""
+
+
+class ServiceError(BelladonnaError):
+    """A service this command started did not answer in time; the message says where its output is."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_env(home: str | None = None) -> dict[str, str]:
+    """The environment of a local Prefect server for Belladonna's runs (`home`: its PREFECT_HOME)."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in UNUSED_SERVER_SERVICES}}
+    env.pop("PREFECT_API_URL", None)
+    return env | ({"PREFECT_HOME": home} if home else {})
+
+
+def prefect_server_command(port: int, *, ui: bool, log_level: str) -> list[str]:
+    """``prefect server start`` on 127.0.0.1:`port` without the scheduler and the late-runs service."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+            *([] if ui else ["--no-ui"]), "--no-scheduler", "--no-late-runs", "--analytics-off",
+            "--log-level", log_level]
+
+
+def ray_head_command(temp_dir: str) -> tuple[list[str], str]:
+    """``ray start --head --block`` on 127.0.0.1 with free ports and `temp_dir`; returns it and the
+    head's address (``127.0.0.1:<GCS port>``)."""
+    gcs = free_port()
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent))
+    prefix = [ray_cli] if ray_cli else [sys.executable, "-m", "ray.scripts.scripts"]
+    return [*prefix, "start", "--head", "--block", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
+            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"], f"127.0.0.1:{gcs}"
+
+
+def ray_env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+
+def _running(proc: subprocess.Popen) -> bool:
+    return proc.poll() is None
+
+
+def answered(ready: Callable[[], bool], alive: Callable[[], bool], timeout: float) -> bool:
+    """Poll `ready` until it holds (True), or `alive` no longer does or `timeout` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def server_answers(api_url: str, timeout: float = 1.0) -> bool:
+    """True when the Prefect API at `api_url` answers its health check within `timeout` seconds."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def ray_head_answers(address: str, temp_dir: str, timeout: float = 1.0) -> bool:
+    """Ray's GCS accepts a connection and ``ray start`` has written its address (which it does once
+    the head node has started)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError:
+        return False
+    return (Path(temp_dir) / "ray_current_cluster").is_file()
+
+
+class Services:
+    """The services this command started: `wait()` blocks until Prefect's API answers, `stop()` (also
+    run at interpreter exit) stops them."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.api_url: str | None = None
+        self.ray_temp: str | None = None
+        self.settings = ExitStack()
+
+    def _launch(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """A child process in this command's session; its stderr is the command's (its log file)."""
+        self.procs[name] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return self.procs[name]
+
+    def start_ray_head(self) -> str:
+        """Start a local Ray head, once more if it exits before it answers (a loaded machine can miss the
+        raylet's fixed 30 s to register); returns its address."""
+        self.ray_temp = temp = tempfile.mkdtemp(prefix="belladonna-ray-")  # short: Ray's socket paths
+        for attempt in range(2):
+            if attempt:
+                log.warning("ray: the local head did not start (a loaded machine?); starting it again")
+            command, address = ray_head_command(self.ray_temp)
+            proc = self._launch("ray", command, ray_env())
+            if answered(partial(ray_head_answers, address, temp), partial(_running, proc), RAY_START_S):
+                return address
+            reaper.stop_tree(reaper.tree(proc.pid), RAY_GRACE_S, kill=frozenset([proc.pid]))
+            proc.wait()
+        raise ServiceError(f"the local Ray head did not answer within {RAY_START_S:g} s (exit code {proc.poll()}; "
+                           "its output is in this command's log)")
+
+    def wait(self) -> None:
+        """Wait for this command's Prefect server, if it started one: ServiceError if it exits or does
+        not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS."""
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        server, url = self.procs.get("prefect"), self.api_url
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        if server is not None and url is not None and not answered(partial(server_answers, url),
+                                                                   partial(_running, server), timeout):
+            raise ServiceError(f"the local Prefect server {url} did not answer within {timeout:g} s "
+                               f"(exit code {server.poll()}; its output is in this command's log)")
+
+    def stop(self) -> None:
+        """Disconnect from Ray, stop the processes this command started (and what they started), remove
+        the Ray head's temp dir. Idempotent."""
+        from infra.ray_runner import shutdown
+
+        shutdown()
+        trees = {name: reaper.tree(proc.pid) for name, proc in self.procs.items()}
+        for name, tree in trees.items():
+            reaper.terminate(tree, kill=frozenset([self.procs[name].pid] if name == "ray" else []))
+        for name, tree in trees.items():
+            reaper.finish_off(tree, RAY_GRACE_S if name == "ray" else STOP_S)
+        for proc in self.procs.values():
+            proc.wait()
+        self.procs = {}
+        if self.ray_temp is not None:
+            shutil.rmtree(self.ray_temp, ignore_errors=True)
+            self.ray_temp = None
+        self.settings.close()
+
+
+def start_services(execution: ExecutionConfig) -> Services:
+    """Start a local Ray head (unless execution.ray_address or RAY_ADDRESS names one) and a local Prefect
+    server (unless a Prefect API URL is configured or Prefect's ephemeral mode is off), side by side;
+    connect to Ray (infra.ray_runner.ensure_ray) while the server starts. :meth:`Services.stop` is
+    registered to run at interpreter exit."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    from infra.ray_runner import ensure_ray
+
+    services = Services()
+    atexit.register(services.stop)
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        port = free_port()
+        services.api_url = f"http://127.0.0.1:{port}/api"
+        services._launch("prefect", prefect_server_command(port, ui=False, log_level="ERROR"), server_env())
+        services.settings.enter_context(temporary_settings(updates={PREFECT_API_URL: services.api_url}))
+    head = None
+    if not (execution.ray_address or os.environ.get("RAY_ADDRESS")):
+        head = services.start_ray_head()
+    ensure_ray(execution, local_head=head)
+    return services
