@@ -24,7 +24,8 @@ from infra.storage import Store
 from poison_core.compare import Thresholds, compare_results
 from poison_core.compare_format import headline, to_markdown
 from poison_core.config import BenchmarkConfig
-from tasks import mlflow_history, run_history, store_history
+from infra import mlflow_history
+from tasks import run_history, store_history
 
 log = logging.getLogger(__name__)
 EVENT = "belladonna.regression"
@@ -39,7 +40,7 @@ def previous_run(benchmark_dir: Path, store: str, mlflow: dict[str, Any] | None 
     """The newest completed run of this benchmark written against the same store, if any: from the run
     folder's history, else (a fresh machine) the store's own history when the store is remote
     (tasks.store_history), else the newest FINISHED MLflow parent run of the benchmark and store at
-    `mlflow`'s tracking URI (tasks.mlflow_history; `mlflow`'s run id, this run's own, is skipped). A run
+    `mlflow`'s tracking URI (infra.mlflow_history; `mlflow`'s run id, this run's own, is skipped). A run
     the gate failed (``fail_on_regression``) is kept in the history but is no base: comparing the next
     run with it would accept the regression the night after it was caught."""
     def usable(results: dict[str, Any]) -> bool:
