@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infra import mlflow_history
 from infra.storage import Store
 from poison_core.compare import Thresholds, compare_results
 from poison_core.compare_format import headline, to_markdown
 from poison_core.config import BenchmarkConfig
-from infra import mlflow_history
 from tasks import run_history, store_history
 
 log = logging.getLogger(__name__)
