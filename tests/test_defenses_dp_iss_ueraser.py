@@ -1,5 +1,6 @@
 """DP-SGD, Image Shortcut Squeezing and UEraser on tiny data: paper defaults, and each building block does
-what its paper says (per-sample clipping and noise of Abadi et al.'s Alg. 1, PIL's JPEG / luma / posterize,
+what its paper says (per-sample clipping and noise of Abadi et al.'s Alg. 1, forest's batch-wise
+clip and noise, PIL's JPEG / luma / posterize,
 the max over K augmented copies of Qin et al.'s Eq. 3). Registration, fitting, bounded parameters and
 seeded repeats are the shared tests of tests/test_defenses.py."""
 
@@ -17,7 +18,8 @@ from torch.func import functional_call, grad, vmap
 
 from poison_core.config import DefenseConfig, ModelConfig, TrainConfig, VictimConfig, parse_config
 from poison_core.defenses import DefenseContext, make_defense
-from poison_core.defenses.dp_sgd import clip_per_sample, noisy_mean, per_sample_gradients
+from poison_core.defenses.dp_sgd import (DPSGDParams, batch_gradient, clip_per_sample, noisy_mean,
+                                         per_sample_gradients)
 from poison_core.defenses.iss import grayscale, jpeg_round_trip, reduce_bit_depth
 from poison_core.defenses.ueraser import (channel_shuffle, max_over_repeats, plasma, random_erasing, trivial_augment,
                                           ueraser_policy)
@@ -46,8 +48,8 @@ def test_grayscale_has_no_parameters_and_defaults_are_the_papers():
         defense_params(parse_config(DefenseConfig, {"name": "iss_grayscale", "params": {"quality": 10}}))
     assert make_defense("iss_jpeg").params.quality == 10
     assert make_defense("ueraser").params.repeats == 5 and make_defense("ueraser").params.adversarial_fraction == 1
-    dp = make_defense("dp_sgd").params
-    assert dp.clip_norm == 1.0 and dp.noise_multiplier == 0.1
+    dp = make_defense("dp_sgd").params  # forest's PRIVACY_GAUSSIAN, batch-wise (the earlier: per sample, 1, 0.1)
+    assert (dp.granularity, dp.clip_norm, dp.noise_multiplier) == ("batch", 1.0, 0.01)
 
 
 # ---------------------------------------------------------------- DP-SGD
@@ -109,15 +111,39 @@ def test_noise_has_std_sigma_times_c_over_batch_and_repeats_under_the_generator(
     assert torch.equal(noisy_mean(ones, clip, 0.0, torch.Generator())["w"], torch.ones(3))
 
 
-def test_dp_sgd_without_noise_and_clipping_is_plain_sgd():
-    plain = _predict("none", victim=MLP)
-    dp = _predict("dp_sgd", {"clip_norm": 1e4, "noise_multiplier": 0.0}, victim=MLP)
+@pytest.mark.parametrize("granularity, victim", [("sample", MLP), ("batch", MLP), ("batch", CONV)])
+def test_dp_sgd_without_noise_and_clipping_is_plain_sgd(granularity, victim):
+    plain = _predict("none", victim=victim)
+    dp = _predict("dp_sgd", {"granularity": granularity, "clip_norm": 1e4, "noise_multiplier": 0.0}, victim=victim)
     assert np.allclose(dp, plain, atol=1e-4)
-    assert not np.allclose(_predict("dp_sgd", victim=MLP), plain, atol=1e-4)
+    assert not np.allclose(_predict("dp_sgd", {"granularity": granularity}, victim=victim), plain, atol=1e-4)
 
 
-def test_dp_sgd_history_reports_clipping():
-    result = make_defense("dp_sgd", {"clip_norm": 0.01}).fit(_ctx(CONV))
+def test_batch_rule_clips_the_mean_gradient_then_adds_sigma_c_noise():
+    """forest's rule: the batch's mean-loss gradient, scaled to norm C if longer, plus N(0, (sigma C)^2)."""
+    data, x, y = _batch()
+    model = build_model(ModelConfig(name="convnet", width=4), data.image_shape, 4, seed=0)
+    named = dict(model.named_parameters())
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    full = torch.cat([q.grad.flatten() for q in named.values()])
+    gen = torch.Generator().manual_seed(0)
+    step, losses, _, norm = batch_gradient(model, named, x, y, DPSGDParams(clip_norm=0.01, noise_multiplier=0), gen)
+    flat = torch.cat([g.flatten() for g in step.values()])
+    assert float(norm) == pytest.approx(float(full.norm()), rel=1e-4) and float(norm) > 0.01
+    assert float(flat.norm()) == pytest.approx(0.01, rel=1e-4)
+    assert float(F.cosine_similarity(flat, full, dim=0)) == pytest.approx(1.0, abs=1e-5)
+    assert losses.shape == (len(y),)
+    kept, _, _, _ = batch_gradient(model, named, x, y, DPSGDParams(clip_norm=1e4, noise_multiplier=0), gen)
+    assert torch.allclose(torch.cat([g.flatten() for g in kept.values()]), full, atol=1e-6)
+    noisy, _, _, _ = batch_gradient(model, named, x, y, DPSGDParams(clip_norm=1e-6, noise_multiplier=2.0), gen)
+    noise = torch.cat([g.flatten() for g in noisy.values()])
+    assert float(noise.std()) == pytest.approx(2e-6, rel=0.1)  # sigma * C per coordinate, on the mean
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_dp_sgd_history_reports_clipping(granularity):
+    result = make_defense("dp_sgd", {"clip_norm": 0.01, "granularity": granularity}).fit(_ctx(CONV))
     assert result.history[-1]["clipped_fraction"] == 1.0 and result.history[-1]["grad_norm"] > 0.01
     assert 0 <= result.history[-1]["train_acc"] <= 1
 

@@ -14,13 +14,14 @@ tests/test_efficacy_targeted.py. Run with ``-o log_cli=true --log-cli-level=INFO
   Convex Polytope 3/12, 0.241, noise 0/12, 0.074.
 * Hidden Trigger: source sneaker (7) -> target ankle boot (9), eps 16/255 (the paper's), the 4-pixel
   random-noise patch, all 100 target-class images of a 1,000-image fine-tuning set poisoned (10 %;
-  the paper poisons 400 of about 1,300 target images), 200 steps at the reference lr 0.01. ASR on
-  patched source test images vs the clean victim with the same patch (the clean target images): see
-  the test's docstring. The effect is partly not trigger-specific: unpatched sneakers are also more
-  often called boots (0.14 vs 0.05 clean), patched ones most (0.19 vs 0.07). Also measured: pullover ->
-  shirt (0 -> 6) 0.31 vs 0.17 (unpatched 0.26 vs 0.17); 5 % budget 0.16 vs 0.07; eps 32 0.18 vs 0.07;
-  a 6-pixel checkerboard 0.15 vs 0.06; fine-tuning on the two classes only (the paper's binary case)
-  0.20 vs 0.08.
+  the paper poisons 400 of about 1,300 target images), 200 steps at the reference lr 0.01 in its
+  relative units, two crafts per target image (the reference's rules, the attack's defaults). ASR on
+  patched source test images vs the clean victim and vs the random-noise control of the same images
+  (same patch): see the test's docstring. Measured with the earlier rule (one craft, lr on the raw
+  squared distance): the effect is partly not trigger-specific: unpatched sneakers are also more often
+  called boots (0.14 vs 0.05 clean), patched ones most (0.19 vs 0.07); pullover -> shirt (0 -> 6) 0.31
+  vs 0.17 (unpatched 0.26 vs 0.17); 5 % budget 0.16 vs 0.07; eps 32 0.18 vs 0.07; a 6-pixel
+  checkerboard 0.15 vs 0.06; fine-tuning on the two classes only (the paper's binary case) 0.20 vs 0.08.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 PRETRAIN = TrainConfig(epochs=10, batch_size=64, lr=0.05)
 HEAD = TrainConfig(epochs=30, batch_size=64, lr=0.05, weight_decay=0.0)
 VICTIM_SEED = 7
+HTB_MARGIN = 0.04  # see the hidden-trigger test's docstring
 CPU = torch.device("cpu")
 
 
@@ -113,26 +115,29 @@ def test_bullseye_beats_convex_polytope_and_noise_on_the_same_bases(setup):
     assert bp[2] >= base[2] - 0.02
 
 
-def test_hidden_trigger_raises_patched_source_asr_over_the_clean_victim(setup):
-    """Measured on this split (7 -> 9, eps 16, 100 poisons of 1,000, 200 steps): ASR on patched sneakers
-    0.190 vs 0.070 for the clean victim with the same patch; unpatched sneakers called boots 0.140 vs
-    0.050; clean accuracy 0.824 vs 0.825."""
+def test_hidden_trigger_raises_patched_source_asr_over_the_clean_victim_and_noise(setup):
+    """The reference's rules (Hidden Trigger's defaults: two crafts per target image with fresh sources, the best
+    kept; the step relative to the sources' feature scale) at 200 steps, lr 0.01. Measured on this split
+    for crafting seeds 0, 1, 2 (the test runs seed 0): ASR on patched sneakers 0.12 / 0.12 / 0.12 against
+    0.07 for both the clean victim and the random-noise control of the same 100 images (every seed;
+    unpatched sneakers 0.09 on the attack's victim, seed 0);
+    clean accuracy 0.825-0.826 vs 0.825; two crafts took 424-513 s on the loaded 2-core machine. The
+    earlier rule (one craft, lr on the raw squared distance) measured 0.19 vs 0.07 on seed 0: at 200 of
+    the reference's 5,000 steps the relative step moves the poisons less. Bar: 4 points over the larger
+    control (measured 5 on every seed)."""
     extractor, train, test = setup
-    params = {"source_class": 7, "target_class": 9, "patch_size": 4, "steps": 200, "lr": 0.01,
-              "lr_units": "absolute", "poisons_per_target": 1}  # the rules this was measured with
+    params = {"source_class": 7, "target_class": 9, "patch_size": 4, "steps": 200, "lr": 0.01}
     threat = ThreatModel(epsilon=16, budget=0.1, clean_label=True)
     ps = make_attack("hidden_trigger", params).craft(CraftContext(train=train, threat=threat, seed=0,
                                                                   surrogates=[extractor]))
     assert len(ps) == 100 and set(ps.orig_labels) == {9}
-    victim = finetune(extractor, apply(ps, train), HEAD, device="cpu", seed=VICTIM_SEED)
-    clean = finetune(extractor, train, HEAD, device="cpu", seed=VICTIM_SEED)
-    attack, control = (evaluate(ModelClassifier(m, CPU), test, ps) for m in (victim, clean))
+    victims = {"attack": apply(ps, train), "noise": apply(noise_like(ps, train, 0), train), "clean": train}
+    models = {arm: finetune(extractor, data, HEAD, device="cpu", seed=VICTIM_SEED) for arm, data in victims.items()}
+    result = {arm: evaluate(ModelClassifier(m, CPU), test, ps) for arm, m in models.items()}
     sources = test.images[test.labels == 7]
-    unpatched = [float(np.mean(softmax(predict_logits(m, sources, device="cpu")).argmax(1) == 9))
-                 for m in (victim, clean)]
-    log.info("hidden_trigger 7->9: ASR patched sources %.3f vs clean victim %.3f; unpatched %.3f vs %.3f; "
-             "clean acc %.3f vs %.3f", attack["asr"], control["asr"], *unpatched, attack["clean_acc"],
-             control["clean_acc"])
-    assert attack["asr"] >= control["asr"] + 0.07 and attack["asr"] >= 2 * control["asr"]
-    assert attack["asr"] > unpatched[0]  # the patch adds to what the poisons do to clean sources
-    assert attack["clean_acc"] >= control["clean_acc"] - 0.02
+    unpatched = float(np.mean(softmax(predict_logits(models["attack"], sources, device="cpu")).argmax(1) == 9))
+    log.info("hidden_trigger 7->9: ASR patched sources %s; unpatched (attack victim) %.3f; clean acc %s",
+             {a: r["asr"] for a, r in result.items()}, unpatched, {a: r["clean_acc"] for a, r in result.items()})
+    attack, control = result["attack"]["asr"], max(result["noise"]["asr"], result["clean"]["asr"])
+    assert attack >= control + HTB_MARGIN, (attack, control)
+    assert result["attack"]["clean_acc"] >= result["clean"]["clean_acc"] - 0.02

@@ -13,7 +13,8 @@ of those models as its adversarial class (a plausible class, the attacker's choi
   128 features) pretrained on 2,000 images is frozen and only its linear head is retrained on a
   disjoint 400-image fine-tuning set (poison_core.transfer.finetune); eps 32/255, 5 % of the
   fine-tuning set (20 poisons) per key, 12 keys, one victim per key and arm. Measured: Poison Frogs
-  3/12 flips (Wilson 95 % [0.09, 0.53]), adv prob 0.42 (reference step rejection and watermark 0.3;
+  with its default (the benchmark's) rule 3/12 flips (Wilson 95 % [0.09, 0.53]), adv prob 0.224 (see
+  its test); with the paper's rule 3/12, adv prob 0.42 (reference step rejection and watermark 0.3;
   5/12 before); Convex Polytope 3/12 ([0.09, 0.53]), 0.245 (reference lr; 0.32 with a 5x larger step);
   clean victim 0/12, adv prob 0.08; noise 0/12, 0.08. Also measured (10 other keys): Poison Frogs at
   eps 16 flipped 3/10 (adv prob 0.30 vs 0.05 noise); with a random adversarial class instead of the
@@ -170,7 +171,13 @@ def assert_decisive(result: dict[str, Arm], min_margin: int, min_ratio: float = 
 
 
 def test_poison_frogs_on_transfer_learning(transfer_setup):
-    assert_decisive(run_transfer("poison_frogs", {"steps": 100, "lr": 0.1, "rule": "paper"}, transfer_setup), min_margin=3)
+    # The attack's defaults: under this L-inf bound its 'auto' rule is the benchmark's (aks2203/
+    # poisoning-benchmark craft_poisons_fc.py: projected descent, no beta, 120 steps at 0.001). Measured
+    # over two key draws (runner_up_keys seed 1, this test's, and seed 2; 12 keys each): 3/12 and 2/12
+    # flips vs 0/12 for the clean victim and the noise control in both; adv prob 0.224 vs 0.082 clean,
+    # 0.074 noise (2.7x) and 0.240 vs 0.055, 0.046 (4.4x); clean acc 0.815 vs 0.817, 0.811 vs 0.817.
+    # The paper's rule (beta step, 100 steps at 0.1, `rule: paper`) measured 3/12, adv prob 0.42 here.
+    assert_decisive(run_transfer("poison_frogs", {}, transfer_setup), min_margin=2, min_ratio=2.5)
 
 
 def test_convex_polytope_on_transfer_learning(transfer_setup):

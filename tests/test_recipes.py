@@ -76,6 +76,9 @@ def test_shipped_configs_turn_augmentation_on_where_the_references_use_it():
         assert load_benchmark(path).victim.train.augment == "crop-flip", path
     cifar = load_benchmark("configs/cifar10-resnet18.yaml").victim.train
     assert (cifar.epochs, cifar.lr, cifar.batch_size, cifar.schedule, cifar.crop_padding) == (40, 0.1, 128, "forest", 4)
+    # forest's CONSERVATIVE optimiser (victims/training.py get_optimizers: SGD, momentum 0.9, Nesterov)
+    assert (cifar.optimizer, cifar.momentum, cifar.nesterov, cifar.weight_decay, cifar.flip) == ("sgd", 0.9, True,
+                                                                                                 5e-4, True)
 
 
 def test_forest_schedule_divides_the_lr_at_epochs_14_24_35_of_40():
