@@ -198,11 +198,14 @@ def batch_gradient(model: nn.Module, named: dict[str, torch.Tensor], x: torch.Te
 
 @register_defense
 class DPSGD(Defense):
-    """Train with per-sample clipped, Gaussian-noised gradients (Hong et al. 2020; Abadi et al. 2016, Alg. 1)."""
+    """Train with clipped, Gaussian-noised gradients: by default forest's batch-wise rule (the batch's mean
+    gradient clipped to C, noise sigma * C per coordinate; ``PRIVACY_GAUSSIAN``), or per-sample clipping
+    (``granularity: sample``; Hong et al. 2020; Abadi et al. 2016, Alg. 1)."""
 
     name = "dp_sgd"
     paper = "Hong et al., 2020, Mitigating data poisoning attacks with gradient shaping (DP-SGD, Abadi et al. 2016)"
-    summary = "training: clip each per-sample gradient to norm C and add N(0, sigma^2 C^2) noise (DP-SGD)"
+    summary = ("training: clip the batch gradient (or each per-sample one) to norm C, add N(0, sigma^2 C^2) noise "
+               "(gradient shaping)")
     Params = DPSGDParams
 
     def fit(self, ctx: DefenseContext) -> DefenseResult:
