@@ -144,8 +144,9 @@ def run_targeted(attack: str, seeds: list[int], n_keys: int, eps: int, budget: f
                 row.update({f"{arm}_prob": prob, f"{arm}_success": flipped,
                             f"{arm}_clean_acc": accuracy(model, test, device="cpu")})
             rows.append(row)
-            log.info("%s seed %d key %s: adv prob %.3f (noise %.3f, clean %.3f), success %s", attack, seed, key,
-                     row["attack_prob"], row["noise_prob"], row["clean_prob"], row["attack_success"])
+            log.info("%s seed %d key %s: adv prob %.3f (noise %.3f, clean %.3f), success %s; row %s", attack, seed,
+                     key, row["attack_prob"], row["noise_prob"], row["clean_prob"], row["attack_success"],
+                     json.dumps(row))  # the whole row: a run stopped early is recoverable from its log
     return {"setting": {"attack": attack, "params": params, "eps": eps, "budget": budget, "keys_per_seed": n_keys,
                         "seeds": seeds, "train": 2000, "victim": "convnet width 16, 10 epochs from scratch",
                         **({"recipe": recipe} if recipe != "plain" else {})},
