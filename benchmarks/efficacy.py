@@ -67,6 +67,9 @@ AVAILABILITY_ATTACKS = {
     "random_noise_class": ("random_noise", {"mode": "class"}),
 }
 RECIPES = {"plain": {}, "augmented": {"augment": "crop-flip"}}
+AUGMENTED_CRAFT = {"witches_brew": {"augment": True}}
+"""Crafting params that follow the victims' recipe under `--recipe augmented`: Witches' Brew crafts through
+differentiable crop/flip when the victims augment (forest's default; configs/fashion-mnist-targeted.yaml)."""
 """`--recipe`: the victims' recipe; 'augmented' is the shipped configs' (random crop of the 2-px zero-padded
 image and horizontal flip, forest's MNIST setting; poison_core.augmentation)."""
 
@@ -114,12 +117,14 @@ def fit(train: ImageDataset, recipe: TrainConfig, seed: int) -> torch.nn.Module:
 
 
 def run_targeted(attack: str, seeds: list[int], n_keys: int, eps: int, budget: float,
-                 params: dict[str, Any]) -> dict[str, Any]:
-    """One key per victim, `n_keys` keys per crafting seed (see the module docstring)."""
+                 params: dict[str, Any], recipe: str = "plain") -> dict[str, Any]:
+    """One key per victim, `n_keys` keys per crafting seed (see the module docstring). `recipe` is the
+    surrogates' and victims' (configs/fashion-mnist-targeted.yaml trains both with crop-flip)."""
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=2000, n_test=1000, seed=0))
     train, test = splits.train, splits.test
-    surrogates = [fit(train, SCRATCH, seed) for seed in (100, 101)]
-    clean = fit(train, SCRATCH, VICTIM_SEED)
+    scratch = SCRATCH.model_copy(update=RECIPES[recipe])
+    surrogates = [fit(train, scratch, seed) for seed in (100, 101)]
+    clean = fit(train, scratch, VICTIM_SEED)
     clean_acc = accuracy(clean, test, device="cpu")
     rows = []
     for seed in seeds:
@@ -132,17 +137,19 @@ def run_targeted(attack: str, seeds: list[int], n_keys: int, eps: int, budget: f
             row = {"seed": seed, "key": list(key), "craft_s": round(time.perf_counter() - start, 2),
                    "clean_prob": float(target_probs(clean, test, [key])[0])}
             for arm, poison in (("attack", ps), ("noise", noise_like(ps, train, 10_000 * seed + i))):
-                model = fit(apply(poison, train), SCRATCH, VICTIM_SEED)
+                model = fit(apply(poison, train), scratch, VICTIM_SEED)
                 prob = float(target_probs(model, test, [key])[0])
                 pos = test.positions(np.array([key[0]]))
                 flipped = bool(predict_logits(model, test.images[pos], device="cpu").argmax(1)[0] == key[1])
                 row.update({f"{arm}_prob": prob, f"{arm}_success": flipped,
                             f"{arm}_clean_acc": accuracy(model, test, device="cpu")})
             rows.append(row)
-            log.info("%s seed %d key %s: adv prob %.3f (noise %.3f, clean %.3f), success %s", attack, seed, key,
-                     row["attack_prob"], row["noise_prob"], row["clean_prob"], row["attack_success"])
+            log.info("%s seed %d key %s: adv prob %.3f (noise %.3f, clean %.3f), success %s; row %s", attack, seed,
+                     key, row["attack_prob"], row["noise_prob"], row["clean_prob"], row["attack_success"],
+                     json.dumps(row))  # the whole row: a run stopped early is recoverable from its log
     return {"setting": {"attack": attack, "params": params, "eps": eps, "budget": budget, "keys_per_seed": n_keys,
-                        "seeds": seeds, "train": 2000, "victim": "convnet width 16, 10 epochs from scratch"},
+                        "seeds": seeds, "train": 2000, "victim": "convnet width 16, 10 epochs from scratch",
+                        **({"recipe": recipe} if recipe != "plain" else {})},
             "clean_victim_acc": clean_acc, "rows": rows, "summary": summarize_targeted(rows)}
 
 
@@ -224,7 +231,8 @@ def render(entries: list[dict[str, Any]]) -> str:
         s, p = e["setting"], e["summary"]["pooled"]
         a, nz, cl = p["attack"], p["noise"], p["clean"]
         seeds = ", ".join(f"{v['attack']['adv_prob']:.2f}" for v in e["summary"]["per_seed"].values())
-        lines.append(f"| {s['attack']} | {s['eps']} | {s['budget']:.0%} | {len(s['seeds'])} x {s['keys_per_seed']} | "
+        label = f"{s['attack']} ({s['recipe']})" if "recipe" in s else s["attack"]
+        lines.append(f"| {label} | {s['eps']} | {s['budget']:.0%} | {len(s['seeds'])} x {s['keys_per_seed']} | "
                      f"{a['success']}/{a['n']} [{a['wilson'][0]:.2f}, {a['wilson'][1]:.2f}] | {nz['success']}/{nz['n']} | "
                      f"{a['adv_prob']:.3f} / {nz['adv_prob']:.3f} / {cl['adv_prob']:.3f} | {seeds} | "
                      f"{e['summary']['keys_above_noise']}/{a['n']} | {a['clean_acc']:.3f} / {e['clean_victim_acc']:.3f} |")
@@ -250,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     targeted.add_argument("--eps", type=int, default=16)
     targeted.add_argument("--budget", type=float, default=0.01)
     targeted.add_argument("--params", default="{}", help="JSON merged over the attack's default params")
+    targeted.add_argument("--recipe", choices=sorted(RECIPES), default="plain",
+                          help="the surrogates' and victims' recipe: plain, or augmented (random crop + flip); "
+                               "augmented also turns Witches' Brew's differentiable crop/flip on, as forest does")
     availability = sub.add_parser("availability")
     availability.add_argument("--attacks", nargs="+", choices=sorted(AVAILABILITY_ATTACKS), required=True)
     availability.add_argument("--recipe", choices=sorted(RECIPES), default="plain",
@@ -261,8 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
     if args.kind == "targeted":
-        params = {**TARGETED[args.attack], **json.loads(args.params)}
-        entries = [run_targeted(args.attack, args.seeds, args.keys, args.eps, args.budget, params)]
+        craft = AUGMENTED_CRAFT.get(args.attack, {}) if args.recipe == "augmented" else {}
+        params = {**TARGETED[args.attack], **craft, **json.loads(args.params)}
+        entries = [run_targeted(args.attack, args.seeds, args.keys, args.eps, args.budget, params, args.recipe)]
     else:
         entries = run_availability(args.attacks, args.seeds, args.recipe)
     write(entries, args.out)
