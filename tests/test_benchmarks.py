@@ -89,3 +89,18 @@ def test_tracking_warm_up_creates_the_experiment(tmp_path):
     assert (tmp_path / "mlflow.db").is_file()
     tracker = Tracker(None, "warmed", run_dir=tmp_path)
     assert tracker.client.get_experiment_by_name("warmed").experiment_id == tracker.experiment_id
+
+
+def test_seed_table_pools_seeds_across_runs_and_refuses_a_seed_twice(tmp_path):
+    from benchmarks.seed_table import cells, markdown
+
+    def run(seed, acc):
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"rows": [{"attack": "error_min", "defense": "none", "seed": seed,
+                                              "clean_acc": acc, "baseline_clean_acc": 0.8}]}))
+        return path
+
+    table = markdown(cells([run(0, 0.3), run(1, 0.5)]), "clean_acc")
+    assert "| error_min | none | 0, 1 | 0.300, 0.500 | 0.400 +- 0.141 | 0.800 +- 0.000 |" in table
+    with pytest.raises(ValueError, match="seed 0 of error_min/none"):
+        cells([run(0, 0.3), tmp_path / "s0.json"])
