@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -48,10 +49,11 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             result = make_defense(name, params).fit(DefenseContext(train=splits.train, victim=victim, seed=seed))
             last = result.history[-1] if result.history else {}
-            print(json.dumps({"setting": args.setting, "defense": name, "params": params, "seed": seed,
+            sys.stdout.write(json.dumps({"setting": args.setting, "defense": name, "params": params, "seed": seed,
                               "clean_acc": round(evaluate(result.classifier, splits.test)["clean_acc"], 4),
                               "clipped_fraction": last.get("clipped_fraction"), "grad_norm": last.get("grad_norm"),
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                              "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
