@@ -185,7 +185,7 @@ class Recorder:
     """Every descendant (PID, start time) of a running process, recorded twice a second."""
 
     def __init__(self, pid: int) -> None:
-        from belladonna import reaper
+        from belladonna.lifecycle import reaper
 
         self.reaper, self.pid, self.seen, self.done = reaper, pid, {}, threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from belladonna import reaper
+from belladonna.lifecycle import reaper
 from tests.test_nightly import PREFECT, RUN_TIME_VARS, Processes, _client, _free_port, _wait
 
 ROOT = Path(__file__).resolve().parent.parent
