@@ -36,6 +36,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from infra.proc_table import descendants, kill_recorded, start_time
+
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 REPORT_TIMEOUT_S = 15.0
@@ -43,54 +45,6 @@ POLL_S = 0.5
 GRACE_S = 3.0
 ENDED = b"ended\n"
 _state: dict[str, Any] = {"watcher": None}
-
-
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(parent pid, process group, start time in clock ticks) of `pid` from /proc, None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def ours(root: int, group: int | None = None) -> dict[int, int]:
-    """{pid: start time} of every live descendant of `root` and of every member of process group `group`
-    (Ray's agents stay in the flow run's group after their raylet is gone), `root` itself excluded."""
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != root:
-            stat = _stat(int(entry.name))
-            if stat is not None:
-                stats[int(entry.name)] = stat
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in stats.items():
-        children.setdefault(parent, []).append(pid)
-    found: dict[int, int] = {}
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found[child] = stats[child][2]
-                todo.append(child)
-    if group is not None:
-        found.update({pid: start for pid, (_, grp, start) in stats.items() if grp == group})
-    return found
-
-
-def kill(recorded: dict[int, int]) -> list[int]:
-    """SIGKILL each recorded process whose start time still matches (never a reused PID); returns those."""
-    killed = []
-    for pid, start in recorded.items():
-        stat = _stat(pid)
-        if stat is not None and stat[2] == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                continue
-    return killed
 
 
 def message(why: str) -> str:
@@ -132,11 +86,11 @@ def watch(pid: int, flow_run_id: str) -> None:
             if not chunk:
                 break
             said += chunk
-        recorded.update({p: s for p, s in ours(pid, group).items() if p != me})
+        recorded.update({p: s for p, s in descendants(pid, group).items() if p != me})
     deadline = time.monotonic() + GRACE_S
-    while time.monotonic() < deadline and any((_stat(p) or (0, 0, -1))[2] == s for p, s in recorded.items()):
+    while time.monotonic() < deadline and any(start_time(p) == s for p, s in recorded.items()):
         time.sleep(0.1)
-    kill(recorded)
+    kill_recorded(recorded)
     if ENDED not in said:
         report_crashed(flow_run_id, message("the flow-run process was killed (its worker was stopped?)"),
                        only_if_running=True)
@@ -168,12 +122,13 @@ def guard_flow_run(what: str) -> None:
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         group = os.getpid() if os.getpgid(0) == os.getpid() else None
-        kill({p: s for p, s in ours(os.getpid(), group).items() if p != watcher.pid})
+        kill_recorded({p: s for p, s in descendants(os.getpid(), group).items() if p != watcher.pid})
         text = message(f"{what}: stopped by {signal.Signals(signum).name} (its worker was stopped?)")
         log.error("%s", text)
         report_crashed(flow_run_id, text)
         ended()
-        kill({p: s for p, s in ours(os.getpid(), group).items() if p != watcher.pid})  # anything started meanwhile
+        # anything started meanwhile
+        kill_recorded({p: s for p, s in descendants(os.getpid(), group).items() if p != watcher.pid})
         os._exit(128 + signum)
 
     atexit.register(ended)

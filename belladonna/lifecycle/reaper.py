@@ -21,26 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from infra.proc_table import descendants, kill_recorded, start_time
+
 POLL_S = 0.5
 GRACE_S = 3.0
-
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of `pid`, or None if it is gone (a zombie, which has
-    exited and waits only for its parent to read its status, counts as gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
-
-
-def start_time(pid: int) -> int | None:
-    """The start time (clock ticks after boot) of `pid`, None if it is gone: with the PID, it names
-    one process even after the PID is reused."""
-    stat = _stat(pid)
-    return None if stat is None else stat[1]
 
 
 def age(pid: int) -> float | None:
@@ -51,39 +35,6 @@ def age(pid: int) -> float | None:
     if start is None:
         return None
     return time.clock_gettime(time.CLOCK_BOOTTIME) - start / os.sysconf("SC_CLK_TCK")
-
-
-def descendants(root: int) -> dict[int, int]:
-    """Every live descendant of `root` as {pid: start time}."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat is not None:
-                children.setdefault(stat[0], []).append(int(entry.name))
-                starts[int(entry.name)] = stat[1]
-    found, todo = {}, [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found and child in starts:
-                found[child] = starts[child]
-                todo.append(child)
-    return found
-
-
-def kill_recorded(recorded: dict[int, int]) -> list[int]:
-    """SIGKILL each recorded process whose start time still matches (not a reused PID); returns them."""
-    killed = []
-    for pid, start in recorded.items():
-        stat = _stat(pid)
-        if stat is not None and stat[1] == start:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                continue
-    return killed
 
 
 def tree(pid: int) -> dict[int, int]:
