@@ -7,9 +7,9 @@ version number to bump by hand.
 What a fingerprint covers. ``code_fingerprint(["poison_core.attacks.badnets", ...])`` hashes the
 given modules and every module they import, transitively, inside the *tracked* packages: ``poison_core``
 and each given module's own top-level package (so a plug-in's helpers count, a third-party library's
-do not; the torch and numpy versions are hashed instead). Imports are read from the syntax tree,
-function-level imports included, and ``from package import name`` counts the sub-module ``name``
-when there is one, else the package.
+do not; the torch and numpy versions are hashed instead). Imports are read from the compiled
+bytecode (``IMPORT_NAME``), function-level imports included, and ``from package import name`` counts
+the sub-module ``name`` when there is one, else the package.
 
 Two rules keep one attack's edit from recomputing the whole grid (the registries make
 ``poison_core`` one import cycle):
@@ -18,8 +18,17 @@ Two rules keep one attack's edit from recomputing the whole grid (the registries
   module only to register it; those edges are dropped and those import statements are left out of
   the package's hash (adding a member to the registry recomputes nothing). A stage that uses a
   member names the member's module explicitly;
-* *the source is hashed as a syntax tree without docstrings*, so comments, docstrings and formatting
-  do not change a fingerprint; any change to what the code does does.
+* *the source is hashed as its token stream without comments, blank lines, indentation width and
+  docstrings*, so those do not change a fingerprint; any change to what the code does does (a change
+  of layout inside a statement, such as a new line break in brackets, does not either; an added
+  parenthesis does, which only recomputes).
+
+No Python syntax tree is built (no ``ast.parse``): on CPython before 3.11.8 the syntax-tree
+constructor keeps its recursion depth in one interpreter-wide counter, and two threads building trees
+at once can fail either of them with ``SystemError: AST constructor recursion depth mismatch``
+(python/cpython#106905; fixed in 3.11.8 by #113035). A flow's stages fingerprint code while other threads of the same process
+(the tracking warm-up's matplotlib, ``inspect.signature``) parse literals, so the fingerprint uses only
+the tokenizer and the compiler, which keep no such shared state.
 
 Each module's tree is read once per process: a fingerprint describes the code that this process
 runs, which was imported from that source.
@@ -27,15 +36,18 @@ runs, which was imported from that source.
 
 from __future__ import annotations
 
-import ast
+import dis
 import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
+import io
 import sys
-from collections.abc import Iterable
+import tokenize
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
+from types import CodeType
 
 TRACKED = "poison_core"
 REGISTRY_PACKAGES = ("poison_core.attacks", "poison_core.defenses")
@@ -83,56 +95,100 @@ def _module_digest(name: str) -> str:
 
 @lru_cache(maxsize=None)
 def _parsed(name: str) -> tuple[str, tuple[str, ...]]:
-    """(digest of the module's docstring-free syntax tree, the tracked modules it imports)."""
+    """(digest of the module's token stream without comments and docstrings, the tracked modules it
+    imports)."""
     path, is_package = _source_path(name)
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    source = path.read_bytes()
     package = name if is_package else name.rpartition(".")[0]
     tracked = {TRACKED, name.partition(".")[0]}
+    registry = name if name in REGISTRY_PACKAGES else None
     imports: set[str] = set()
-    registration = name in REGISTRY_PACKAGES
-    for node in ast.walk(tree):
-        if registration and _registers_members(node, name):
-            node.names = []  # type: ignore[attr-defined]
+    for level, fromlist, target, top in _import_instructions(compile(source, str(path), "exec", dont_inherit=True)):
+        if top and registry and _registers_members(level, target, fromlist, registry):
             continue
-        imports.update(_import_targets(node, package, tracked))
-    _strip_docstrings(tree)
-    digest = hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+        imports.update(_import_targets(level, target, fromlist, package, tracked))
     imports.discard(name)
-    return digest, tuple(sorted(imports))
+    return _token_digest(source, registry), tuple(sorted(imports))
 
 
-def _import_targets(node: ast.AST, package: str, tracked: set[str]) -> list[str]:
-    """The tracked modules an import statement binds (a sub-module when `from pkg import sub` names one)."""
-    names: list[str] = []
-    if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-    elif isinstance(node, ast.ImportFrom):
-        base = node.module or ""
-        if node.level:
-            parts = package.split(".")
-            parts = parts[: len(parts) - node.level + 1]
-            base = ".".join([*parts, base] if base else parts)
+def _import_instructions(code: CodeType, top: bool = True) -> Iterator[tuple[int, tuple[str, ...] | None, str, bool]]:
+    """(level, fromlist, module, at module level) of every import the compiled code performs, nested
+    functions and classes included: ``LOAD_CONST level; LOAD_CONST fromlist; IMPORT_NAME module``."""
+    consts: list[object] = []
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "IMPORT_NAME" and len(consts) >= 2:
+            level, fromlist = consts[-2], consts[-1]
+            yield int(level) if isinstance(level, int) else 0, \
+                tuple(fromlist) if isinstance(fromlist, tuple) else None, str(instruction.argval), top
+        consts = consts[-1:] + [instruction.argval] if instruction.opname == "LOAD_CONST" else []
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _import_instructions(const, top=False)
+
+
+def _import_targets(level: int, target: str, fromlist: tuple[str, ...] | None, package: str,
+                    tracked: set[str]) -> list[str]:
+    """The tracked modules an import binds (a sub-module when `from pkg import sub` names one)."""
+    if fromlist is None:
+        names = [target]
+    else:
+        base = _absolute(level, target, package)
         if base.partition(".")[0] not in tracked:  # never look up (and so import) an untracked package
             return []
-        for alias in node.names:
-            sub = f"{base}.{alias.name}"
-            names.append(sub if _exists(sub) else base)
+        names = [sub if _exists(sub := f"{base}.{alias}") else base for alias in fromlist]
     return sorted({n for n in names if n.partition(".")[0] in tracked and _exists(n)})
 
 
-def _registers_members(node: ast.AST, package: str) -> bool:
-    """Whether `node` is ``from <package> import a, b`` binding only sub-modules: a registration import."""
-    return (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == package
-            and all(_exists(f"{package}.{alias.name}") for alias in node.names))
+def _absolute(level: int, target: str, package: str) -> str:
+    if not level:
+        return target
+    parts = package.split(".")
+    parts = parts[: len(parts) - level + 1]
+    return ".".join([*parts, target] if target else parts)
 
 
-def _strip_docstrings(tree: ast.AST) -> None:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
+def _registers_members(level: int, target: str, fromlist: tuple[str, ...] | None, package: str) -> bool:
+    """Whether an import is ``from <package> import a, b`` binding only sub-modules: a registration import."""
+    return (level == 0 and target == package and fromlist is not None
+            and all(_exists(f"{package}.{alias}") for alias in fromlist))
+
+
+def _token_digest(source: bytes, registry: str | None) -> str:
+    """sha256 of the source's tokens, one logical line at a time, leaving out comments, blank lines,
+    indentation width, docstrings and every other statement that is only a plain string literal (a
+    no-op), and, in a registry package, its registration imports."""
+    digest = hashlib.sha256()
+    line: list[tokenize.TokenInfo] = []
+    for token in tokenize.tokenize(io.BytesIO(source).readline):
+        if token.type in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING):
+            continue
+        if token.type in (tokenize.INDENT, tokenize.DEDENT):
+            digest.update(tokenize.tok_name[token.type].encode() + b"\0")
+            continue
+        line.append(token)
+        if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            if not _is_no_op(line) and not (registry and _is_registration(line, registry)):
+                digest.update(b"\1".join(t.string.encode() for t in line) + b"\0")
+            line = []
+    return digest.hexdigest()
+
+
+def _is_no_op(line: list[tokenize.TokenInfo]) -> bool:
+    """A logical line that is only plain (not f-) string literals: a docstring or a bare string."""
+    strings = line[:-1]
+    return bool(strings) and all(t.type == tokenize.STRING and "f" not in t.string.partition(t.string[-1])[0].lower()
+                                 for t in strings)
+
+
+def _is_registration(line: list[tokenize.TokenInfo], package: str) -> bool:
+    """``from <package> import a, b`` (parentheses allowed, no aliases) where each name is a sub-module."""
+    words = [t.string for t in line[:-1] if t.string not in ("(", ")", ",")]
+    if len(words) < 4 or words[0] != "from" or "import" not in words:
+        return False
+    at = words.index("import")
+    names = words[at + 1:]
+    return "".join(words[1:at]) == package and "as" not in names \
+        and all(_exists(f"{package}.{alias}") for alias in names)
 
 
 @lru_cache(maxsize=None)

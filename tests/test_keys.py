@@ -151,6 +151,48 @@ def test_docstrings_and_comments_do_not_change_a_fingerprint_and_code_does(tmp_p
     assert _fresh_fingerprint(["fp_probe_pkg.member"]) != fingerprint
 
 
+def test_a_fingerprint_builds_no_syntax_tree_so_other_threads_parsing_cannot_break_it():
+    """CPython 3.11 before 3.11.8 counts syntax-tree depth in one interpreter-wide counter: a thread
+    building a tree while another does fails one of them with ``SystemError: AST constructor
+    recursion depth mismatch`` (python/cpython#106905). A stage's fingerprint runs beside the tracking
+    warm-up's threads, so it must not build a tree at all."""
+    import ast
+    import builtins
+
+    real, trees = builtins.compile, []
+
+    def recording(source, filename, mode, flags=0, *args, **kwargs):
+        if flags & ast.PyCF_ONLY_AST:
+            trees.append(filename)
+        return real(source, filename, mode, flags, *args, **kwargs)
+
+    builtins.compile = recording
+    try:
+        fingerprint = _fresh_fingerprint(["poison_core.attacks.witches_brew", "tasks.stages"])
+    finally:
+        builtins.compile = real
+    assert len(fingerprint) == 16 and trees == []
+
+
+def test_bare_strings_are_no_ops_and_f_strings_and_registrations_are_not(tmp_path, monkeypatch):
+    package = tmp_path / "fp_probe_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    member = package / "member.py"
+    source = 'def run(x):\n    "doc"\n    f"{x.append(1)}"\n    for i in range(2):\n        x.append(i)\n    return x\n'
+    member.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fingerprint = _fresh_fingerprint(["fp_probe_pkg.member"])
+    member.write_text(source.replace('"doc"', "'other doc'  # and a comment\n\n    'a bare note'"))
+    assert _fresh_fingerprint(["fp_probe_pkg.member"]) == fingerprint
+    member.write_text(source.replace("append(1)", "append(2)"))  # an f-string runs its expressions
+    assert _fresh_fingerprint(["fp_probe_pkg.member"]) != fingerprint
+    member.write_text(source.replace("    return x", "        return x"))  # indentation is structure
+    assert _fresh_fingerprint(["fp_probe_pkg.member"]) != fingerprint
+    member.write_text(source.replace("    ", "  "))  # its width is not
+    assert _fresh_fingerprint(["fp_probe_pkg.member"]) == fingerprint
+
+
 def _fresh_fingerprint(modules: list[str]) -> str:
     """A fingerprint as a new process would compute it (the per-process caches cleared)."""
     from poison_core import code_fingerprint as cf
