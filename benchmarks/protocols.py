@@ -16,8 +16,12 @@ epochs, batch 64, SGD lr 0.05 cosine). Protocols go through :func:`poison_core.p
 exactly as a grid cell's do: ``supervised`` from scratch (victim seed 2), ``simclr-linear`` (SimCLR
 20 epochs, batch 256, on the poisoned images without labels, then the linear head on frozen
 features, with the same recipe), ``relabel`` (the ten classes merged into two groups the attacker did
-not know). The error-maximising poisons' surrogate is the clean supervised victim (seed 1). Poisons
-are cached under ``--cache`` so every protocol judges the same PoisonSet. One thread, as the tests.
+not know). ``--recipe augmented`` trains every victim (the supervised one, the SimCLR linear head, the
+relabelled one) with the shipped configs' crop-and-flip; its rows carry ``"recipe": "augmented"`` and a
+``(augmented)`` label. The error-maximising poisons' surrogate is the clean supervised victim (seed 1,
+plain recipe under both, so both recipes judge the same poisons). Poisons are cached under ``--cache``,
+keyed by the attack's params and the code fingerprint of its member (a changed attack crafts anew), so
+every protocol judges the same PoisonSet. One thread, as the tests.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.efficacy import AVAILABILITY, AVAILABILITY_ATTACKS, VICTIM
+from benchmarks.efficacy import AVAILABILITY, AVAILABILITY_ATTACKS, RECIPES, VICTIM
+from poison_core.attacks import ATTACKS as ATTACK_REGISTRY
 from poison_core.attacks import CraftContext, make_attack
+from poison_core.code_fingerprint import code_fingerprint, member_module
 from poison_core.config import DatasetConfig, SSLConfig, ThreatModel, VictimConfig
 from poison_core.data import load_dataset
 from poison_core.data.dataset import ImageDataset
@@ -67,8 +73,7 @@ def crafted(key: str, seed: int, train: ImageDataset, cache: Path) -> tuple[Pois
     if ATTACKS[key] is None:
         return None, 0.0
     name, params = ATTACKS[key]
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache / f"{key}-seed{seed}-n{N_TRAIN}-eps{EPS}-{digest}.parquet"
+    path = cache_path(key, seed, cache)
     if path.exists():
         return from_parquet_bytes(path.read_bytes()), 0.0
     surrogate = make_defense("none").fit(DefenseContext(train=train, victim=PROTOCOLS["supervised"],
@@ -83,14 +88,26 @@ def crafted(key: str, seed: int, train: ImageDataset, cache: Path) -> tuple[Pois
     return poison_set, seconds
 
 
-def victim_accuracy(protocol: str, train: ImageDataset, test: ImageDataset, poison_set: PoisonSet | None) -> float:
+def cache_path(key: str, seed: int, cache: Path) -> Path:
+    """Where attack `key`'s PoisonSet for crafting `seed` is cached: keyed by its params and the code
+    fingerprint of its member module, so an edited attack never serves an earlier craft."""
+    name, params = ATTACKS[key] or ("", {})
+    code = code_fingerprint([member_module(ATTACK_REGISTRY.get(name))])
+    digest = hashlib.sha256(json.dumps([params, code], sort_keys=True).encode()).hexdigest()[:12]
+    return cache / f"{key}-seed{seed}-n{N_TRAIN}-eps{EPS}-{digest}.parquet"
+
+
+def victim_accuracy(protocol: str, train: ImageDataset, test: ImageDataset, poison_set: PoisonSet | None,
+                    recipe: str = "plain") -> float:
     victim = PROTOCOLS[protocol]
+    victim = victim.model_copy(update={"train": victim.train.model_copy(update=RECIPES[recipe])})
     data = train if poison_set is None else apply(poison_set, train)
     result = make_defense("none").fit(DefenseContext(train=relabelled(data, victim), victim=victim, seed=VICTIM_SEED))
     return evaluate(result.classifier, relabelled(test, victim))["clean_acc"]
 
 
-def run(attacks: list[str], protocols: list[str], seeds: list[int], cache: Path, out: Path) -> list[dict[str, Any]]:
+def run(attacks: list[str], protocols: list[str], seeds: list[int], cache: Path, out: Path,
+        recipe: str = "plain") -> list[dict[str, Any]]:
     """Every (attack, crafting seed, protocol) victim; each row is merged into <out> as soon as it is measured."""
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=N_TRAIN, n_test=N_TEST, seed=0))
     rows: list[dict[str, Any]] = []
@@ -100,10 +117,12 @@ def run(attacks: list[str], protocols: list[str], seeds: list[int], cache: Path,
             poison_set, craft_s = crafted(key, seed, splits.train, cache)
             for protocol in protocols:
                 start = time.perf_counter()
-                acc = victim_accuracy(protocol, splits.train, splits.test, poison_set)
+                acc = victim_accuracy(protocol, splits.train, splits.test, poison_set, recipe)
                 rows.append({"attack": key, "protocol": protocol, "seed": seed, "acc": acc,
-                             "craft_s": round(craft_s, 1), "victim_s": round(time.perf_counter() - start, 1)})
-                log.info("%s seed %d %s: accuracy %.4f (%.0f s)", key, seed, protocol, acc, rows[-1]["victim_s"])
+                             "craft_s": round(craft_s, 1), "victim_s": round(time.perf_counter() - start, 1),
+                             **({"recipe": recipe} if recipe != "plain" else {})})
+                log.info("%s seed %d %s %s: accuracy %.4f (%.0f s)", key, seed, protocol, recipe, acc,
+                         rows[-1]["victim_s"])
                 merged = write(rows[-1:], out)
     return merged
 
@@ -132,7 +151,9 @@ def check_rows(rows: Any, where: str) -> list[dict[str, Any]]:
         fields = {"attack": (row.get("attack") in ATTACKS, f"one of {', '.join(ATTACKS)}"),
                   "protocol": (row.get("protocol") in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
                   "seed": (type(row.get("seed")) is int and row["seed"] >= 0, "an integer >= 0"),
-                  "acc": (type(row.get("acc")) in (int, float) and 0 <= row["acc"] <= 1, "a number in [0, 1]")}
+                  "acc": (type(row.get("acc")) in (int, float) and 0 <= row["acc"] <= 1, "a number in [0, 1]"),
+                  "recipe": (row.get("recipe", "augmented") in RECIPES and row.get("recipe") != "plain",
+                             "absent (plain) or one of " + ", ".join(r for r in RECIPES if r != "plain"))}
         for field, (ok, allowed) in fields.items():
             if not ok:
                 raise InputError(f"{where}: row {i} field {field!r} is {row.get(field)!r}; must be {allowed}")
@@ -144,8 +165,10 @@ def write(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     Both the stored and the new rows are checked before anything is written; each file is replaced atomically."""
     path = out / "protocols.json"
     stored = load(path, missing_ok=True)
-    merged = {(r["attack"], r["protocol"], r["seed"]): r for r in stored + check_rows(rows, "new rows")}
-    rows = sorted(merged.values(), key=lambda r: (list(ATTACKS).index(r["attack"]), r["protocol"], r["seed"]))
+    merged = {(r["attack"], r.get("recipe", "plain"), r["protocol"], r["seed"]): r
+              for r in stored + check_rows(rows, "new rows")}
+    rows = sorted(merged.values(), key=lambda r: (list(ATTACKS).index(r["attack"]), "recipe" in r,
+                                                  r.get("recipe", ""), r["protocol"], r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("protocols.json", json.dumps(rows, indent=1) + "\n"), ("protocols.md", render(rows))):
         tmp = out / f".{name}.tmp"
@@ -155,11 +178,16 @@ def write(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
-    """The accuracies of each (attack, protocol) cell, in the rows' order."""
+    """The accuracies of each (attack, protocol) cell, in the rows' order; an augmented row's attack is
+    labelled ``<attack> (augmented)``."""
     cells: dict[tuple[str, str], list[float]] = {}
     for r in rows:
-        cells.setdefault((r["attack"], r["protocol"]), []).append(r["acc"])
+        cells.setdefault((label(r), r["protocol"]), []).append(r["acc"])
     return cells
+
+
+def label(row: dict[str, Any]) -> str:
+    return f"{row['attack']} ({row['recipe']})" if "recipe" in row else row["attack"]
 
 
 def stats(values: list[float]) -> tuple[float, float | None]:
@@ -174,7 +202,7 @@ def render(rows: list[dict[str, Any]]) -> str:
              "Victim test accuracy, mean +- std over crafting seeds (n); lower is a stronger attack. `relabel` has "
              "two classes (chance 0.5).", "", "| attack | " + " | ".join(protocols) + " |",
              "| --- |" + " --- |" * len(protocols)]
-    for attack in [a for a in ATTACKS if any(k[0] == a for k in cells)]:
+    for attack in dict.fromkeys(label(r) for r in rows):
         out = []
         for p in protocols:
             v = cells.get((attack, p), [])
@@ -225,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/belladonna-protocols"))
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="plain",
+                        help="the victims' recipe: plain, or augmented (random crop + flip)")
     parser.add_argument("--mlflow-uri", default=None, help="e.g. sqlite:///runs/mlflow.db")
     parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     parser.add_argument("--log-only", action="store_true",
@@ -242,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise InputError(f"{args.out / 'protocols.json'}: holds no rows")
         else:
             torch.set_num_threads(1)
-            rows = run(args.attacks, args.protocols, args.seeds, args.cache, args.out)
+            rows = run(args.attacks, args.protocols, args.seeds, args.cache, args.out, args.recipe)
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.mlflow_uri:

@@ -115,3 +115,23 @@ def test_log_only_refuses_a_missing_or_malformed_table(tmp_path, capsys, stored,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and says in err and str(tmp_path / "protocols.json") in err
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, not even a store
+
+
+def test_augmented_rows_sit_beside_plain_ones_and_a_bad_recipe_is_refused(tmp_path):
+    augmented = [{**row, "recipe": "augmented", "acc": row["acc"] - 0.05} for row in ROWS[:2]]
+    rows = write(ROWS[:2] + augmented, tmp_path)
+    assert len(rows) == 4  # same attack, protocol and seed under two recipes: two rows, not one replaced
+    text = (tmp_path / "protocols.md").read_text()
+    assert "| clean | 0.840 (n=1) | 0.910 (n=1) |\n| clean (augmented) | 0.790 (n=1) | 0.860 (n=1) |" in text
+    for bad in ("plain", "noisy", 3):
+        with pytest.raises(InputError, match="field 'recipe'"):
+            write([{**ROWS[0], "recipe": bad}], tmp_path)
+
+
+def test_the_craft_cache_is_keyed_by_the_attack_code(tmp_path, monkeypatch):
+    import benchmarks.protocols as protocols
+
+    first = protocols.cache_path("tue", 0, tmp_path)
+    assert first == protocols.cache_path("tue", 0, tmp_path) != protocols.cache_path("tue", 1, tmp_path)
+    monkeypatch.setattr(protocols, "code_fingerprint", lambda modules: "an edited attack")
+    assert protocols.cache_path("tue", 0, tmp_path) != first
