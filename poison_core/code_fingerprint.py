@@ -52,6 +52,8 @@ from types import CodeType
 TRACKED = "poison_core"
 REGISTRY_PACKAGES = ("poison_core.attacks", "poison_core.defenses")
 """Packages whose ``__init__`` imports member modules only to register them."""
+_CONSTANT_LOADS = ("LOAD_CONST", "LOAD_SMALL_INT")
+"""How the compiler pushes an import's level and fromlist (``LOAD_SMALL_INT``: Python 3.14's small ints)."""
 
 
 def member_module(obj: object) -> str:
@@ -116,11 +118,14 @@ def _import_instructions(code: CodeType, top: bool = True) -> Iterator[tuple[int
     functions and classes included: ``LOAD_CONST level; LOAD_CONST fromlist; IMPORT_NAME module``."""
     consts: list[object] = []
     for instruction in dis.get_instructions(code):
-        if instruction.opname == "IMPORT_NAME" and len(consts) >= 2:
-            level, fromlist = consts[-2], consts[-1]
-            yield int(level) if isinstance(level, int) else 0, \
-                tuple(fromlist) if isinstance(fromlist, tuple) else None, str(instruction.argval), top
-        consts = consts[-1:] + [instruction.argval] if instruction.opname == "LOAD_CONST" else []
+        if instruction.opname == "IMPORT_NAME":
+            level, fromlist = (consts[-2], consts[-1]) if len(consts) == 2 else (None, None)
+            if not isinstance(level, int) or not (fromlist is None or isinstance(fromlist, tuple)):
+                # never skip an import silently: a missed dependency would let a stale output be served
+                raise RuntimeError(f"{code.co_filename}:{instruction.positions.lineno if instruction.positions else '?'}: "
+                                   f"cannot read the import of {instruction.argval!r} from this Python's bytecode")
+            yield level, fromlist, str(instruction.argval), top
+        consts = consts[-1:] + [instruction.argval] if instruction.opname in _CONSTANT_LOADS else []
     for const in code.co_consts:
         if isinstance(const, CodeType):
             yield from _import_instructions(const, top=False)
