@@ -26,11 +26,11 @@ Two rules keep one attack's edit from recomputing the whole grid (the registries
 No Python syntax tree is built (no ``ast.parse``): on CPython before 3.11.8 the syntax-tree
 constructor keeps its recursion depth in one interpreter-wide counter, and two threads building trees
 at once can fail either of them with ``SystemError: AST constructor recursion depth mismatch``
-(python/cpython#106905; fixed in 3.11.8 by #113035). A flow's stages fingerprint code while other threads of the same process
-(the tracking warm-up's matplotlib, ``inspect.signature``) parse literals, so the fingerprint uses only
-the tokenizer and the compiler, which keep no such shared state.
+(python/cpython#106905; fixed in 3.11.8 by #113035). A flow's stages fingerprint code while other
+threads of the same process (the tracking warm-up's matplotlib, ``inspect.signature``) parse literals,
+so the fingerprint uses only the tokenizer and the compiler, which keep no such shared state.
 
-Each module's tree is read once per process: a fingerprint describes the code that this process
+Each module's source is read once per process: a fingerprint describes the code that this process
 runs, which was imported from that source.
 """
 
