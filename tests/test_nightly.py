@@ -100,16 +100,23 @@ def _test_prefect_yaml(tmp: Path) -> Path:
     return path
 
 
+def prefect_env(tmp: Path, port: int) -> tuple[str, dict[str, str]]:
+    """The API URL of a Prefect server on `port` and the environment for it and its clients: this
+    process's without run-time and PREFECT_ variables, a PREFECT_HOME under `tmp`, telemetry off."""
+    api = f"http://127.0.0.1:{port}/api"
+    base = {k: v for k, v in os.environ.items() if k not in RUN_TIME_VARS and not k.startswith("PREFECT_")}
+    base.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                RAY_AUTH_MODE="disabled", MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
+    return api, base
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
     """A Prefect server, the work pool, the deployments and a process worker."""
     tmp = tmp_path_factory.mktemp("nightly")
     (tmp / "logs").mkdir()
     port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    base = {k: v for k, v in os.environ.items() if k not in RUN_TIME_VARS and not k.startswith("PREFECT_")}
-    base.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                RAY_AUTH_MODE="disabled", MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
+    api, base = prefect_env(tmp, port)
     procs = Processes(tmp / "logs")
     try:
         server = procs.start("server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from belladonna.lifecycle import reaper
-from tests.test_nightly import PREFECT, RUN_TIME_VARS, Processes, _client, _free_port, _wait
+from tests.test_nightly import PREFECT, Processes, _client, _free_port, _wait, prefect_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_S = 90  # worker, processes and the run's state: each within this after the SIGINT (a loaded machine)
@@ -73,10 +73,7 @@ def deployed(tmp_path) -> Iterator[dict[str, Any]]:
     """A Prefect server, the work pool and the deployments (prefect.yaml without its schedules)."""
     (tmp_path / "logs").mkdir()
     port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    base = {k: v for k, v in os.environ.items() if k not in RUN_TIME_VARS and not k.startswith("PREFECT_")}
-    base.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                RAY_AUTH_MODE="disabled", MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
+    api, base = prefect_env(tmp_path, port)
     procs = Processes(tmp_path / "logs")
     try:
         server = procs.start("server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
