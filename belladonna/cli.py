@@ -63,6 +63,15 @@ def _supervise(logs: Path, name: str) -> None:
     lifecycle.supervise(logs, name, lambda line: err_console.print(line, markup=False, soft_wrap=True))
 
 
+def _sweep_on_stop(target: Any) -> None:
+    """Remove what earlier killed writers left in the store, and what this command's would if a signal
+    stops it (infra.storage.Store.sweep_orphans)."""
+    from belladonna import lifecycle
+
+    target.sweep_orphans()
+    lifecycle.at_stop(target.sweep_orphans)
+
+
 def _quiet_services() -> None:
     """Local defaults for the services the flow starts (a user's explicit setting wins)."""
     for name, value in {"RAY_AUTH_MODE": "disabled", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -97,6 +106,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="Benchmark YAML or pr
     target = Store(store or os.environ.get("BELLADONNA_STORE") or str(out / "store"))
     preflight(cfg, target, out)
     root = target.root
+    _sweep_on_stop(target)
     used = lifecycle.use_standing(out)
     _quiet_services()
     _supervise(out / "logs", cfg.name)
@@ -183,6 +193,7 @@ def _stage(name: str, config: Path, store: Optional[str]) -> None:
     cfg = _load(config)
     preflight(cfg, target)
     root = target.root
+    _sweep_on_stop(target)
     lifecycle.use_standing(Path("runs"))
     _quiet_services()
     _supervise(Path("runs") / "logs", f"{cfg.name}-{name}")

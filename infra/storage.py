@@ -19,7 +19,7 @@ import os
 import contextlib
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -176,7 +176,7 @@ class Store:
             found = fs.find(path) if fs.exists(path) else []
         base = base.rstrip("/") + "/"
         keys = (p[len(base):] for p in found if p.startswith(base))
-        return sorted(k for k in keys if not (k.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in k))
+        return sorted(k for k in keys if not core_io.is_tmp(k.rsplit("/", 1)[-1]))
 
     def list_details(self, prefix: str = "") -> list[tuple[str, int, float]]:
         """(key, size in bytes, modification time in seconds since the epoch) under `prefix`, sorted;
@@ -190,12 +190,23 @@ class Store:
         rows = []
         for name, info in found.items():
             key = name[len(base):] if name.startswith(base) else None
-            if key is None or (key.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in key):
+            if key is None or core_io.is_tmp(key.rsplit("/", 1)[-1]):
                 continue
             modified = info.get("mtime", info.get("LastModified"))
             stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0.0)
             rows.append((key, int(info.get("size") or 0), stamp))
         return sorted(rows)
+
+    def sweep_orphans(self, writers_gone: Collection[int] = ()) -> list[str]:
+        """Remove the temporary files of atomic writes whose writer died on this host (a SIGKILLed
+        worker or driver); see :func:`poison_core.io.sweep_orphans`. An S3 store has none (one PUT)."""
+        if self.is_s3:
+            return []
+        _, path = core_io.filesystem(self.root)
+        removed = core_io.sweep_orphans(path, writers_gone) if os.path.isdir(path) else []
+        if removed:
+            log.info("removed %d temporary file(s) left by killed writers under %s", len(removed), self.root)
+        return removed
 
     def delete(self, key: str, missing_ok: bool = True) -> None:
         """Remove `key`; a missing key is fine unless ``missing_ok=False`` (then StorageError)."""

@@ -2,12 +2,19 @@
 
 A local write goes to a temporary name in the same folder and is renamed into place; a write to
 an object store is a single PUT. Either way a reader never sees a half-written file.
+
+A writer that is killed between the two steps (SIGKILL, a power cut) leaves its temporary file. The
+name says who wrote it, ``.<name>.tmp-<host hash>-<pid>-<random>``, so :func:`sweep_orphans` can remove
+those whose writer on this host is gone, and never one that a live process is still writing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import fsspec
@@ -26,12 +33,60 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
 
 
+TMP_MARK = ".tmp-"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def is_tmp(name: str) -> bool:
+    """Whether a file name is an in-flight (or orphaned) atomic write."""
+    return name.startswith(".") and TMP_MARK in name
+
+
+def tmp_name(path: str) -> str:
+    """The temporary path an atomic write of `path` goes through (see the module docstring)."""
+    parent = os.path.dirname(path) or "."
+    return os.path.join(parent, f".{os.path.basename(path)}{TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def _writer(name: str) -> int | None:
+    """The PID that wrote temporary file `name` on this host; None when it is not ours to judge."""
+    host, _, rest = name.rpartition(TMP_MARK)[2].partition("-")
+    pid = rest.partition("-")[0]
+    return int(pid) if host == _HOST and pid.isdigit() else None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def sweep_orphans(root: str, writers_gone: Collection[int] = ()) -> list[str]:
+    """Remove, under local folder `root`, the temporary files whose writer on this host has exited
+    (or is in `writers_gone`: processes just killed, or the caller about to exit); returns their paths."""
+    removed = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            pid = _writer(name) if is_tmp(name) else None
+            if pid is not None and (pid in writers_gone or _gone(pid)):
+                path = os.path.join(folder, name)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+    return removed
+
+
 def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     fs, path = filesystem(uri, storage_options)
     if isinstance(fs, LocalFileSystem):
-        parent = os.path.dirname(path) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = tmp_name(path)
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +258,39 @@ def test_endpoint_that_never_answers_is_a_storage_error_after_bounded_retries(mo
         use_env(monkeypatch, {**env, "BELLADONNA_S3_READ_TIMEOUT": "0.5", "BELLADONNA_S3_RETRIES": "1"})
         with pytest.raises(StorageError, match="ReadTimeoutError"):
             Store().exists("k")
+
+
+def test_sweep_removes_temp_files_of_killed_writers_only(tmp_path):
+    """A writer SIGKILLed between writing its temporary file and the rename leaves it behind; the sweep
+    removes it, and never the temporary file of a live writer or one written on another host."""
+    import signal
+    import subprocess
+    import sys
+
+    from poison_core import io as core_io
+
+    store = Store(str(tmp_path / "store"), Settings())
+    store.write_bytes("cells/kept.json", b"{}")
+    folder = tmp_path / "store" / "cells"
+    script = ("import sys, time; from poison_core.io import tmp_name; "
+              "open(tmp_name(sys.argv[1]), 'wb').write(b'half'); print('ready', flush=True); time.sleep(60)")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(folder / "x.json")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        live = core_io.tmp_name(str(folder / "y.json"))  # this process: alive
+        Path(live).write_bytes(b"in flight")
+        foreign = folder / ".z.json.tmp-00000000-1-abc"  # another host's writer: not ours to judge
+        foreign.write_bytes(b"?")
+        assert store.sweep_orphans() == []  # every writer still runs (or is not on this host)
+        assert store.list("cells") == ["cells/kept.json"]  # temporary files are never keys
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+        removed = store.sweep_orphans()
+        assert len(removed) == 1 and Path(removed[0]).name.startswith(".x.json.tmp-")
+        assert Path(live).exists() and foreign.exists()
+        assert store.sweep_orphans(writers_gone={os.getpid()}) == [live]  # the caller is about to exit
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert store.read_bytes("cells/kept.json") == b"{}"

@@ -23,7 +23,7 @@ import pytest
 from belladonna.lifecycle.reaper import descendants, kill_recorded, start_time
 from infra.storage import Store
 from poison_core.config import load_benchmark
-from poison_core.io import table_to_bytes
+from poison_core.io import table_to_bytes, tmp_name
 from tasks import stages
 from tests.pipeline_helpers import QUIET
 
@@ -177,6 +177,9 @@ def test_sigterm_and_sighup_stop_the_driver_as_ctrl_c_does(tmp_path, signum):
     same clean stop as Ctrl-C. Ray's ray.init replaced SIGTERM's handler with sys.exit, which ended as
     "failed: SystemError: ... returned a result with an exception set", exit 1."""
     with _mid_run(tmp_path) as (_, out, _, proc, seen):
+        planted = Path(tmp_name(str(out / "store" / "records" / "cut-short.json")))
+        planted = planted.with_name(planted.name.replace(f"-{os.getpid()}-", f"-{proc.pid}-"))
+        planted.write_bytes(b"half")  # as if the driver's own write were cut short by the signal
         os.kill(proc.pid, signum)
         _, err = proc.communicate(timeout=90)
         left = _alive(seen, 45)

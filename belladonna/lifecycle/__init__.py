@@ -8,6 +8,8 @@ One interface, used by :mod:`belladonna.cli`:
 * :func:`start_services` — a Prefect server and a Ray head of the command's own, started side by
   side and stopped at interpreter exit (:mod:`.services`); :func:`use_standing` — OUT's standing
   services instead, while they answer (:mod:`.standing`, ``belladonna services start|status|stop``);
+* :func:`at_stop` — clean-ups that run when a signal stops the command (the store's orphaned temporary
+  files);
 * :func:`off_main_thread` — the flow in a worker thread, so that signals reach the command's handler;
 * :func:`begin` (first thing: a :class:`Timeline`) and :func:`finish` — the wall time, printed last
   at interpreter exit.
@@ -21,8 +23,8 @@ Ray's and MLflow's documented environment variables, and the interpreter's ordin
 from __future__ import annotations
 
 from belladonna.lifecycle.services import ServiceError, Services, start_services
-from belladonna.lifecycle.session import Timeline, begin, finish, log_file, off_main_thread, supervise
+from belladonna.lifecycle.session import Timeline, at_stop, begin, finish, log_file, off_main_thread, supervise
 from belladonna.lifecycle.standing import use_standing
 
-__all__ = ["ServiceError", "Services", "Timeline", "begin", "finish", "log_file", "off_main_thread", "start_services",
+__all__ = ["ServiceError", "Services", "Timeline", "at_stop", "begin", "finish", "log_file", "off_main_thread", "start_services",
            "supervise", "use_standing"]

@@ -30,7 +30,9 @@ from belladonna.lifecycle import reaper
 
 OWN_LOGGERS = ("belladonna", "poison_core", "infra", "tasks", "flows")
 log = logging.getLogger(__name__)
-_state: dict[str, Any] = {"log_file": None, "watcher": None, "finished": None}
+_state: dict[str, Any] = {"log_file": None, "watcher": None, "finished": None, "at_stop": []}
+STOP_WAIT_S = 5.0
+"""How long an interrupted command waits for the processes it SIGKILLed to be gone before its clean-ups."""
 
 
 class _OwnWarnings(logging.Filter):
@@ -101,7 +103,13 @@ def on_interrupt(notice: Any) -> None:
     def handler(signum: int, _frame: Any) -> None:
         ours = reaper.descendants(os.getpid())
         watcher = _state["watcher"]
-        reaper.kill_recorded({p: s for p, s in ours.items() if watcher is None or p != watcher.pid})
+        killed = reaper.kill_recorded({p: s for p, s in ours.items() if watcher is None or p != watcher.pid})
+        reaper.wait_gone({p: ours[p] for p in killed}, STOP_WAIT_S)
+        for clean_up in _state["at_stop"]:  # e.g. the temporary files of writes the kill cut short
+            try:
+                clean_up({*killed, os.getpid()})
+            except Exception as exc:  # noqa: BLE001 - a clean-up must not turn a stop into a crash
+                log.warning("clean-up after the interrupt failed: %s", exc)
         where = f"; log: {log_file()}" if log_file() else ""
         notice(f"interrupted: stopped by {signal.Signals(signum).name}; rerun the same command to resume{where}")
         sys.stdout.flush()
@@ -109,6 +117,12 @@ def on_interrupt(notice: Any) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal was closed
         signal.signal(signum, handler)
+
+
+def at_stop(clean_up: Callable[[set[int]], Any]) -> None:
+    """Run `clean_up(pids)` when a signal stops the command, after the processes it started are gone;
+    `pids` are those killed and this process (which exits next), so their half-done work can be removed."""
+    _state["at_stop"].append(clean_up)
 
 
 def off_main_thread(fn: Callable[..., Any], **kwargs: Any) -> Any:
