@@ -21,7 +21,11 @@ relabelled one) with the shipped configs' crop-and-flip; its rows carry ``"recip
 ``(augmented)`` label. The error-maximising poisons' surrogate is the clean supervised victim (seed 1,
 plain recipe under both, so both recipes judge the same poisons). Poisons are cached under ``--cache``,
 keyed by the attack's params and the code fingerprint of its member (a changed attack crafts anew), so
-every protocol judges the same PoisonSet. One thread, as the tests.
+every protocol judges the same PoisonSet. One thread, as the tests. Unlearnable Clusters runs with
+either encoder (Zhang et al.'s point is a strong encoder that never saw the labels):
+``unlearnable_clusters`` a SimCLR encoder trained on the protected images (20 epochs),
+``unlearnable_clusters_pretrained`` the ``transfer`` protocol's source model, a width-16 ConvNet
+trained supervised on digits (resized to 28x28).
 """
 
 from __future__ import annotations
@@ -63,7 +67,10 @@ PROTOCOLS = {
 ATTACKS = {"clean": None, **AVAILABILITY_ATTACKS,
            "tue_ssl": ("tue", {"ssl_weight": 1.0}),
            "tue_ssl_e10": ("tue", {"ssl_weight": 1.0, "epochs": 10}),  # tue_ssl is ~100 min a seed on 1 CPU
-           "unlearnable_clusters": ("unlearnable_clusters", {"encoder": {"epochs": 20}})}
+           "unlearnable_clusters": ("unlearnable_clusters", {"encoder": {"epochs": 20}}),
+           "unlearnable_clusters_pretrained": ("unlearnable_clusters", {
+               "encoder_source": "pretrained", "encoder_model": {"name": "convnet", "width": 16},
+               "pretrain": {"dataset": {"name": "digits"}}})}
 VICTIM_SEED, SURROGATE_SEED = 2, 1
 EXPERIMENT = "belladonna-protocols"
 
