@@ -70,7 +70,10 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, seen: dict[int,
         seen.update(descendants(proc.pid))
         if predicate():
             return
-        assert proc.poll() is None, "the run ended before the fault could be injected"
+        if proc.poll() is not None:
+            _, err = proc.communicate(timeout=60)
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the fault could be injected:\n"
+                                 f"{err[-3000:]}")
         time.sleep(0.2)
     raise AssertionError("timed out waiting for the run to reach the fault point")
 

@@ -5,7 +5,9 @@ Belladonna. :func:`start_services` starts, as child processes bound to 127.0.0.1
 
 * a Prefect server, with Prefect's CLI ``prefect server start`` (no UI, the server services a local
   run does not use off through their ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED`` settings), unless a
-  Prefect API is configured or Prefect's ephemeral mode is off. This process's Prefect settings point
+  Prefect API is configured or Prefect's ephemeral mode is off; commands that start at once on one
+  PREFECT_HOME start their servers one after the other (:class:`StartLock`: each migrates the shared
+  database when it starts), the later one first starting its Ray head. This process's Prefect settings point
   at it through ``prefect.settings.temporary_settings`` (the flow's thread runs in a copy of that
   context: :func:`belladonna.lifecycle.session.off_main_thread`);
 * a Ray head, with Ray's CLI ``ray start --head --block --node-ip-address 127.0.0.1`` (a temp dir of
@@ -23,6 +25,7 @@ PID (SIGTERM, then SIGKILL after a grace period: :data:`STOP_S`, :data:`RAY_GRAC
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import shutil
@@ -36,7 +39,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from belladonna.lifecycle import reaper
 from poison_core.errors import BelladonnaError
@@ -50,6 +53,8 @@ UNUSED_SERVER_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLE
 """Prefect server services a local run does not use (deployment schedules, late and stuck runs,
 automations): ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED=false``. The task-run recorder and the event
 persister stay on, so the server records every task run."""
+START_LOCK = ".belladonna-server-start.lock"
+"""The lock file in PREFECT_HOME that serialises Prefect server starts (:class:`StartLock`)."""
 RAY_START_S = 120.0
 """How long a Ray head may take to answer (its raylet alone has 30 s to register)."""
 STOP_S = 10.0
@@ -136,6 +141,45 @@ def ray_head_answers(address: str, temp_dir: str, timeout: float = 1.0) -> bool:
     return (Path(temp_dir) / "ray_current_cluster").is_file()
 
 
+class StartLock:
+    """Serialises the start of local Prefect servers that share one PREFECT_HOME (and so one SQLite
+    database): a server migrates the database when it starts (alembic), and two servers migrating a
+    fresh database at once fail ("Online migration expected to match one row ...", exit 3). Held from
+    before the server is launched until it answers; an advisory ``fcntl.flock`` on a file in the home,
+    released when the file is closed or the holder exits."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.file: TextIO | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; True when this holds it."""
+        if self.file is None:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.home / START_LOCK, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def acquire(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the lock; past that, go on without it (a start that hangs elsewhere
+        must not stop this one for ever: the server's own answer then decides)."""
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire():
+            if time.monotonic() > deadline:
+                log.warning("prefect: another server start on %s held its lock for %g s; starting anyway",
+                            self.home, timeout)
+                return
+            time.sleep(0.2)
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class Services:
     """The services this command started: `wait()` blocks until Prefect's API answers, `stop()` (also
     run at interpreter exit) stops them."""
@@ -145,11 +189,31 @@ class Services:
         self.api_url: str | None = None
         self.ray_temp: str | None = None
         self.settings = ExitStack()
+        self.start_lock: StartLock | None = None
 
     def _launch(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         """A child process in this command's session; its stderr is the command's (its log file)."""
         self.procs[name] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         return self.procs[name]
+
+    def start_prefect(self, home: Path, wait_s: float) -> bool:
+        """Launch a local Prefect server on a free port for the database in `home` and point this
+        process's Prefect settings at it, once its :class:`StartLock` is held; False (nothing launched)
+        when the lock is busy and `wait_s` is 0."""
+        lock = StartLock(home)
+        if not lock.try_acquire():
+            if wait_s <= 0:
+                lock.release()
+                return False
+            lock.acquire(wait_s)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        self.start_lock = lock
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self._launch("prefect", prefect_server_command(port, ui=False, log_level="ERROR"), server_env())
+        self.settings.enter_context(temporary_settings(updates={PREFECT_API_URL: self.api_url}))
+        return True
 
     def start_ray_head(self) -> str:
         """Start a local Ray head, once more if it exits before it answers (a loaded machine can miss the
@@ -174,16 +238,27 @@ class Services:
 
         server, url = self.procs.get("prefect"), self.api_url
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        if server is not None and url is not None and not answered(partial(server_answers, url),
-                                                                   partial(_running, server), timeout):
+        if server is None or url is None:
+            return
+        try:
+            ok = answered(partial(server_answers, url), partial(_running, server), timeout)
+        finally:
+            self._release_start_lock()
+        if not ok:
             raise ServiceError(f"the local Prefect server {url} did not answer within {timeout:g} s "
                                f"(exit code {server.poll()}; its output is in this command's log)")
+
+    def _release_start_lock(self) -> None:
+        if self.start_lock is not None:
+            self.start_lock.release()
+            self.start_lock = None
 
     def stop(self) -> None:
         """Disconnect from Ray, stop the processes this command started (and what they started), remove
         the Ray head's temp dir. Idempotent."""
         from infra.ray_runner import shutdown
 
+        self._release_start_lock()
         shutdown()
         trees = {name: reaper.tree(proc.pid) for name, proc in self.procs.items()}
         for name, tree in trees.items():
@@ -204,19 +279,20 @@ def start_services(execution: ExecutionConfig) -> Services:
     server (unless a Prefect API URL is configured or Prefect's ephemeral mode is off), side by side;
     connect to Ray (infra.ray_runner.ensure_ray) while the server starts. :meth:`Services.stop` is
     registered to run at interpreter exit."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+    from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
 
     from infra.ray_runner import ensure_ray
 
     services = Services()
     atexit.register(services.stop)
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        port = free_port()
-        services.api_url = f"http://127.0.0.1:{port}/api"
-        services._launch("prefect", prefect_server_command(port, ui=False, log_level="ERROR"), server_env())
-        services.settings.enter_context(temporary_settings(updates={PREFECT_API_URL: services.api_url}))
+    home = Path(PREFECT_HOME.value()).expanduser()
+    prefect = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+    launched = prefect and services.start_prefect(home, wait_s=0)  # another command's start: after Ray's
     head = None
     if not (execution.ray_address or os.environ.get("RAY_ADDRESS")):
         head = services.start_ray_head()
+    if prefect and not launched:
+        services.start_prefect(home, wait_s=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     ensure_ray(execution, local_head=head)
     return services
