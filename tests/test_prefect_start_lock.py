@@ -20,14 +20,17 @@ from tests.pipeline_helpers import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]
 START = """
-import os, sys
+import os, time
 from pathlib import Path
 from belladonna.lifecycle.services import Services
 services = Services()
 services.start_prefect(Path(os.environ["PREFECT_HOME"]), wait_s=240)
 try:
     services.wait()
-    print("answered", services.api_url, flush=True)
+    deadline = time.monotonic() + 10
+    while services.start_lock.file is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print("answered; lock released:", services.start_lock.file is None, flush=True)
 finally:
     services.stop()
 """
@@ -66,5 +69,5 @@ def test_three_servers_started_at_once_on_a_fresh_home_all_answer(tmp_path):
                 p.kill()
                 p.wait(timeout=60)
     for proc, (out, err) in zip(procs, results):
-        assert proc.returncode == 0 and out.startswith("answered"), err[-3000:]
+        assert proc.returncode == 0 and out.startswith("answered; lock released: True"), out + err[-3000:]
     assert (tmp_path / "prefect-home" / "prefect.db").is_file()

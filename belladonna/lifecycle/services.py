@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -57,6 +58,10 @@ START_LOCK = ".belladonna-server-start.lock"
 """The lock file in PREFECT_HOME that serialises Prefect server starts (:class:`StartLock`)."""
 RAY_START_S = 120.0
 """How long a Ray head may take to answer (its raylet alone has 30 s to register)."""
+RAY_START_ATTEMPTS = 3
+"""Starts of the local Ray head before giving up: Ray's raylet has a fixed 30 s to register with the GCS
+(``ray/_private/node.py``), which a loaded machine misses now and then (both of two starts failed beside
+a full test run and four other runs)."""
 STOP_S = 10.0
 """Grace period for the Prefect server to exit on SIGTERM before it is SIGKILLed."""
 RAY_GRACE_S = 2.0
@@ -175,9 +180,10 @@ class StartLock:
             time.sleep(0.2)
 
     def release(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        """Idempotent; safe from another thread."""
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
 
 
 class Services:
@@ -206,20 +212,30 @@ class Services:
                 lock.release()
                 return False
             lock.acquire(wait_s)
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                      temporary_settings)
 
         self.start_lock = lock
         port = free_port()
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        self._launch("prefect", prefect_server_command(port, ui=False, log_level="ERROR"), server_env())
+        self.api_url = url = f"http://127.0.0.1:{port}/api"
+        server = self._launch("prefect", prefect_server_command(port, ui=False, log_level="ERROR"), server_env())
         self.settings.enter_context(temporary_settings(updates={PREFECT_API_URL: self.api_url}))
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        threading.Thread(target=self._release_when_answers, args=(server, url, timeout), daemon=True,
+                         name="prefect-start-lock").start()  # not held while this command starts Ray
         return True
 
+    def _release_when_answers(self, server: subprocess.Popen, url: str, timeout: float) -> None:
+        answered(partial(server_answers, url), partial(_running, server), timeout)
+        lock = self.start_lock
+        if lock is not None:
+            lock.release()
+
     def start_ray_head(self) -> str:
-        """Start a local Ray head, once more if it exits before it answers (a loaded machine can miss the
-        raylet's fixed 30 s to register); returns its address."""
+        """Start a local Ray head, again if it exits before it answers (up to RAY_START_ATTEMPTS times: a
+        loaded machine can miss the raylet's fixed 30 s to register); returns its address."""
         self.ray_temp = temp = tempfile.mkdtemp(prefix="belladonna-ray-")  # short: Ray's socket paths
-        for attempt in range(2):
+        for attempt in range(RAY_START_ATTEMPTS):
             if attempt:
                 log.warning("ray: the local head did not start (a loaded machine?); starting it again")
             command, address = ray_head_command(self.ray_temp)
@@ -228,8 +244,8 @@ class Services:
                 return address
             reaper.stop_tree(reaper.tree(proc.pid), RAY_GRACE_S, kill=frozenset([proc.pid]))
             proc.wait()
-        raise ServiceError(f"the local Ray head did not answer within {RAY_START_S:g} s (exit code {proc.poll()}; "
-                           "its output is in this command's log)")
+        raise ServiceError(f"the local Ray head did not answer within {RAY_START_S:g} s in {RAY_START_ATTEMPTS} "
+                           f"starts (exit code {proc.poll()}; its output is in this command's log)")
 
     def wait(self) -> None:
         """Wait for this command's Prefect server, if it started one: ServiceError if it exits or does
@@ -238,27 +254,18 @@ class Services:
 
         server, url = self.procs.get("prefect"), self.api_url
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        if server is None or url is None:
-            return
-        try:
-            ok = answered(partial(server_answers, url), partial(_running, server), timeout)
-        finally:
-            self._release_start_lock()
-        if not ok:
+        if server is not None and url is not None and not answered(partial(server_answers, url),
+                                                                   partial(_running, server), timeout):
             raise ServiceError(f"the local Prefect server {url} did not answer within {timeout:g} s "
                                f"(exit code {server.poll()}; its output is in this command's log)")
-
-    def _release_start_lock(self) -> None:
-        if self.start_lock is not None:
-            self.start_lock.release()
-            self.start_lock = None
 
     def stop(self) -> None:
         """Disconnect from Ray, stop the processes this command started (and what they started), remove
         the Ray head's temp dir. Idempotent."""
         from infra.ray_runner import shutdown
 
-        self._release_start_lock()
+        if self.start_lock is not None:
+            self.start_lock.release()
         shutdown()
         trees = {name: reaper.tree(proc.pid) for name, proc in self.procs.items()}
         for name, tree in trees.items():
