@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from belladonna.lifecycle.reaper import descendants, kill_recorded
-from belladonna.lifecycle.services import START_LOCK, StartLock
+from belladonna.lifecycle.start_lock import START_LOCK, StartLock
 from tests.pipeline_helpers import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]

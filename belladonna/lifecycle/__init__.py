@@ -6,7 +6,8 @@ One interface, used by :mod:`belladonna.cli`:
   seconds (exit 130, "rerun to resume"), a watcher stops what it started if it dies (:mod:`.session`,
   :mod:`.reaper`);
 * :func:`start_services` — a Prefect server and a Ray head of the command's own, started side by
-  side and stopped at interpreter exit (:mod:`.services`); :func:`use_standing` — OUT's standing
+  side and stopped at interpreter exit (:mod:`.services`; server starts on one PREFECT_HOME take turns,
+  :mod:`.start_lock`); :func:`use_standing` — OUT's standing
   services instead, while they answer (:mod:`.standing`, ``belladonna services start|status|stop``);
 * :func:`at_stop` — clean-ups that run when a signal stops the command (the store's orphaned temporary
   files);

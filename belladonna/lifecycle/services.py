@@ -25,7 +25,6 @@ PID (SIGTERM, then SIGKILL after a grace period: :data:`STOP_S`, :data:`RAY_GRAC
 from __future__ import annotations
 
 import atexit
-import fcntl
 import logging
 import os
 import shutil
@@ -40,9 +39,10 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from belladonna.lifecycle import reaper
+from belladonna.lifecycle.start_lock import StartLock
 from poison_core.errors import BelladonnaError
 
 if TYPE_CHECKING:
@@ -54,8 +54,6 @@ UNUSED_SERVER_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLE
 """Prefect server services a local run does not use (deployment schedules, late and stuck runs,
 automations): ``PREFECT_SERVER_SERVICES_<NAME>_ENABLED=false``. The task-run recorder and the event
 persister stay on, so the server records every task run."""
-START_LOCK = ".belladonna-server-start.lock"
-"""The lock file in PREFECT_HOME that serialises Prefect server starts (:class:`StartLock`)."""
 RAY_START_S = 120.0
 """How long a Ray head may take to answer (its raylet alone has 30 s to register)."""
 RAY_START_ATTEMPTS = 3
@@ -144,46 +142,6 @@ def ray_head_answers(address: str, temp_dir: str, timeout: float = 1.0) -> bool:
     except OSError:
         return False
     return (Path(temp_dir) / "ray_current_cluster").is_file()
-
-
-class StartLock:
-    """Serialises the start of local Prefect servers that share one PREFECT_HOME (and so one SQLite
-    database): a server migrates the database when it starts (alembic), and two servers migrating a
-    fresh database at once fail ("Online migration expected to match one row ...", exit 3). Held from
-    before the server is launched until it answers; an advisory ``fcntl.flock`` on a file in the home,
-    released when the file is closed or the holder exits."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.file: TextIO | None = None
-
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free; True when this holds it."""
-        if self.file is None:
-            self.home.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.home / START_LOCK, "a")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def acquire(self, timeout: float) -> None:
-        """Wait up to `timeout` s for the lock; past that, go on without it (a start that hangs elsewhere
-        must not stop this one for ever: the server's own answer then decides)."""
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire():
-            if time.monotonic() > deadline:
-                log.warning("prefect: another server start on %s held its lock for %g s; starting anyway",
-                            self.home, timeout)
-                return
-            time.sleep(0.2)
-
-    def release(self) -> None:
-        """Idempotent; safe from another thread."""
-        file, self.file = self.file, None
-        if file is not None:
-            file.close()
 
 
 class Services:
