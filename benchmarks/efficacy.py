@@ -13,7 +13,9 @@ and the surrogates' runner-up class, Witches' Brew's and MetaPoison's clean-labe
 with its own seed and trains, per key, a victim on the poisoned set and one on the random-noise control
 of the same bases. Reported: success (the target classified as the adversarial class) over all keys
 with its Wilson interval, and the adversarial-class probability of the attack, control and clean
-victims, per seed and pooled.
+victims, per seed and pooled. The feature-collision attacks (Poison Frogs, Convex and Bullseye Polytope,
+with configs/fashion-mnist-targeted.yaml's settings) run in the same from-scratch setting, as in
+Schwarzschild et al., "Just How Toxic is Data Poisoning?", ICML 2021 (training from scratch).
 
 ``availability`` is the setting of ``tests/test_efficacy_availability.py`` (8,000 / 2,000 images, eps
 8/255, 100 % coverage, width-16 ConvNet trained 8 epochs; clean victim seed 1, poisoned victims seed 2):
@@ -54,6 +56,9 @@ TARGETED = {
     "witches_brew": {"steps": 100, "restarts": 1, "augment": False},
     "metapoison": {"steps": 16, "n_models": 2, "stagger_epochs": 2, "epoch_batches": 4, "drop_period": 6,
                    "lr": 0.05, "batch_size": 64, "warm_start": True},
+    "poison_frogs": {"steps": 200, "lr": 0.1},  # configs/fashion-mnist-targeted.yaml's settings
+    "convex_polytope": {"steps": 200, "lr": 0.04, "coef_iters": 50},
+    "bullseye_polytope": {"steps": 200, "lr": 0.04},
 }
 AVAILABILITY_ATTACKS = {
     "error_min_sample": ("error_min", {"mode": "sample", "width": 8, "steps": 2, "max_rounds": 40}),
