@@ -64,16 +64,19 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
 def test_view_has_the_models_function_and_gradients(name, one_thread):
     shape = (16, 16, 3)
     model = build_model(ModelConfig(name=name, width=8), shape, 4, seed=0)
+    # A fixed case, not the global RNG that earlier tests in the worker move: fusion moves outputs by ~2e-7, and a
+    # pre-activation that close to a ReLU's kink takes the other subgradient (about one random case in eight for
+    # resnet18). In this case the smallest |pre-activation| in resnet18's blocks is 9e-7.
+    gen = torch.Generator().manual_seed(1)
     model.train()
     with torch.no_grad():  # non-trivial running statistics, then eval mode as in crafting
         for _ in range(3):
-            model(torch.rand(8, 3, 16, 16))
+            model(torch.rand(8, 3, 16, 16, generator=gen))
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     view = crafting_view(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
     assert [p.shape for p in view.parameters()] == [p.shape for p in model.parameters()]
-    gen = torch.Generator().manual_seed(1)
     x0, x_t = torch.rand(6, 3, 16, 16, generator=gen), torch.rand(1, 3, 16, 16, generator=gen)
     y = torch.arange(6) % 4
     with torch.no_grad():
