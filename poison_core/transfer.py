@@ -3,11 +3,20 @@
 The threat model of Poison Frogs (Shafahi et al., NeurIPS 2018, Sec. 4.1 'transfer learning') and
 Convex Polytope (Zhu et al., ICML 2019, Sec. 5.1 'transfer learning'): the victim takes a
 pretrained network, freezes every layer but the last, and retrains that linear layer on the
-(possibly poisoned) training set. Here the frozen body runs in eval mode (BatchNorm keeps its
-running statistics), its features are computed once, and only `.head` is re-initialised (from
-`seed`) and trained with the recipe `cfg` (optimizer, lr schedule, epochs, batch size, weight
-decay) on those features. Same (model, data, cfg, seed) -> identical head on CPU; the caller's
-model and global RNG are left untouched.
+(possibly poisoned) training set. The frozen body runs in eval mode (BatchNorm keeps its running
+statistics) and only `.head` is re-initialised (from `seed`) and trained with the recipe `cfg`
+(optimizer, lr schedule, epochs, batch size, weight decay, augmentation).
+
+Augmentation. The attacks' own references train this head without it: Poison Frogs on precomputed
+bottleneck features, Convex and Bullseye Polytope on a ``FeatureSet`` of precomputed features,
+Hidden Trigger Backdoor (``finetune_and_test.py``) on resized images only. The 'Just How Toxic'
+benchmark (Schwarzschild et al., ICML 2021; ``benchmark_test.py``, ``train_augment`` on by default)
+crops and flips the images before its frozen extractor. With ``cfg.augment == 'none'`` the body's
+features are computed once and the head trains on them; otherwise the head trains through
+:class:`poison_core.protocols.LinearProbe` with :func:`poison_core.training.train_model`, the loop of
+every other victim and of the pipeline's ``transfer`` protocol, so each epoch sees freshly augmented
+images. Same (model, data, cfg, seed) -> identical head on CPU; the caller's model and global RNG are
+left untouched.
 
     victim = finetune(surrogate, poisoned_train, TrainConfig(epochs=20, lr=0.01), device="cpu", seed=1)
     evaluate(ModelClassifier(victim, torch.device("cpu")), test, poison_set)
@@ -25,7 +34,8 @@ from torch import nn
 
 from poison_core.config import TrainConfig
 from poison_core.data.dataset import ImageDataset
-from poison_core.training import batch_slices, learning_rate, make_optimizer, to_tensor
+from poison_core.protocols import LinearProbe
+from poison_core.training import batch_slices, learning_rate, make_optimizer, to_tensor, train_model
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,15 @@ def finetune(pretrained: nn.Module, train: ImageDataset, cfg: TrainConfig, *, de
     model = copy.deepcopy(pretrained).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.augment != "none":
+        if reinit_head:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model.head.reset_parameters()
+        train_model(LinearProbe(model), train, cfg, device=device, seed=seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
     features = extract_features(model, train.images, device=device).clone()
     labels = torch.from_numpy(train.labels).to(device)
     head = model.head

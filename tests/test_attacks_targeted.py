@@ -266,3 +266,18 @@ def test_finetune_freezes_the_body_and_retrains_only_the_head(surrogates):
                        extract_features(surrogates[0], TRAIN.images, device="cpu"))
     assert not torch.equal(tuned.head.weight, surrogates[0].head.weight)
     assert torch.equal(tuned.head.weight, again.head.weight)
+
+
+def test_finetune_with_the_recipes_augmentation_trains_the_head_on_augmented_images(surrogates):
+    """cfg.augment is honoured, not ignored: the head trains through the frozen body on freshly cropped and
+    flipped images (the 'Just How Toxic' benchmark's head), deterministically, and the body stays frozen."""
+    original = {k: v.clone() for k, v in surrogates[0].state_dict().items()}
+    plain = TrainConfig(epochs=2, batch_size=32, lr=0.05)
+    augmented = plain.model_copy(update={"augment": "crop-flip"})
+    tuned = finetune(surrogates[0], TRAIN, augmented, device="cpu", seed=1)
+    again = finetune(surrogates[0], TRAIN, augmented, device="cpu", seed=1)
+    assert torch.equal(tuned.head.weight, again.head.weight)
+    assert not torch.equal(tuned.head.weight, finetune(surrogates[0], TRAIN, plain, device="cpu", seed=1).head.weight)
+    assert all(torch.equal(v, surrogates[0].state_dict()[k]) for k, v in original.items())
+    assert all(torch.equal(v, original[k]) for k, v in tuned.state_dict().items() if not k.startswith("head."))
+    assert not any(p.requires_grad for p in tuned.parameters()) and not tuned.training

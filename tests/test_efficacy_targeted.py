@@ -127,18 +127,20 @@ def measure(model: torch.nn.Module, test: ImageDataset, keys: list[tuple[int, in
 
 @pytest.fixture(scope="module")
 def transfer_setup(one_thread):
-    """A feature extractor pretrained on 2,000 images, a disjoint 400-image fine-tuning set, 10 keys."""
+    """A feature extractor pretrained on 2,000 images, a disjoint 400-image fine-tuning set, 12 keys, and the
+    control victims the attacks share (the clean head, each key's noise control: the attacks draw the same bases)."""
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=2400, n_test=1000, seed=0))
     order = np.random.default_rng(0).permutation(len(splits.train))
     pretrain, train = splits.train.subset(order[:2000]), splits.train.subset(order[2000:])
     extractor = build_model(ModelConfig(name="convnet", width=32), pretrain.image_shape, 10, seed=100)
     train_model(extractor, pretrain, SCRATCH, device="cpu", seed=100)
     keys = runner_up_keys([extractor], splits.test, N_TRANSFER, seed=1, distinct=False)
-    return extractor.eval(), train, splits.test, keys, extract_features(extractor, splits.test.images, device="cpu")
+    test_features = extract_features(extractor, splits.test.images, device="cpu")
+    return extractor.eval(), train, splits.test, keys, test_features, {}
 
 
 def run_transfer(name: str, params: dict, transfer_setup, eps: int = 32, budget: float = 0.05) -> dict[str, Arm]:
-    extractor, train, test, keys, test_features = transfer_setup
+    extractor, train, test, keys, test_features, controls = transfer_setup
     positions = test.positions(np.array([k[0] for k in keys]))
 
     def score(model: torch.nn.Module, key_index: int) -> tuple[float, bool, float]:
@@ -149,13 +151,22 @@ def run_transfer(name: str, params: dict, transfer_setup, eps: int = 32, budget:
         accuracy_ = float(np.mean(probs.argmax(1) == test.labels))
         return float(probs[target, adv]), bool(probs[target].argmax() == adv), accuracy_
 
-    clean = finetune(extractor, train, HEAD, device="cpu", seed=VICTIM_SEED)
+    def victim(poison: PoisonSet | None) -> torch.nn.Module:
+        data = train if poison is None else apply(poison, train)
+        return finetune(extractor, data, HEAD, device="cpu", seed=VICTIM_SEED)
+
+    if ("clean",) not in controls:
+        controls[("clean",)] = victim(None)
+    clean = controls[("clean",)]
     rows: dict[str, list] = {"clean": [], "noise": [], "attack": []}
     for i, key in enumerate(keys):
         ps = craft(name, params, train, test, [extractor], key, eps, budget, seed=1000 + i)
         rows["clean"].append(score(clean, i))
-        for arm, poison in (("noise", noise_like(ps, train, i)), ("attack", ps)):
-            rows[arm].append(score(finetune(extractor, apply(poison, train), HEAD, device="cpu", seed=VICTIM_SEED), i))
+        noise_key = ("noise", i, eps, ps.ids.tobytes())
+        if noise_key not in controls:
+            controls[noise_key] = victim(noise_like(ps, train, i))
+        rows["noise"].append(score(controls[noise_key], i))
+        rows["attack"].append(score(victim(ps), i))
     result = {arm: Arm(np.array([r[0] for r in v]), np.array([r[1] for r in v]), float(np.mean([r[2] for r in v])))
               for arm, v in rows.items()}
     for arm, value in result.items():
