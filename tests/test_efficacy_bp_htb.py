@@ -121,9 +121,9 @@ def test_hidden_trigger_raises_patched_source_asr_over_the_clean_victim_and_nois
     for crafting seeds 0, 1, 2 (the test runs seed 0): ASR on patched sneakers 0.12 / 0.12 / 0.12 against
     0.07 for both the clean victim and the random-noise control of the same 100 images (every seed;
     unpatched sneakers 0.09 on the attack's victim, seed 0);
-    clean accuracy 0.825-0.826 vs 0.825; two crafts took 424-513 s on the loaded 2-core machine (28-29 s a
-    seed in benchmarks/transfer.py beside two other processes, which also has seeds 0-3 and the augmented
-    head: benchmarks/results/transfer.md). The
+    clean accuracy 0.825-0.826 vs 0.825; two crafts took 424-513 s then on the loaded 2-core machine, 28-29 s
+    a seed now (benchmarks/transfer.py beside two other processes; benchmarks/results/transfer.md has seeds
+    0-3 and the benchmark's augmented head). The
     earlier rule (one craft, lr on the raw squared distance) measured 0.19 vs 0.07 on seed 0: at 200 of
     the reference's 5,000 steps the relative step moves the poisons less. Bar: 4 points over the larger
     control (measured 5 on every seed)."""
