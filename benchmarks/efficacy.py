@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -213,15 +213,30 @@ def setting_id(entry: dict[str, Any]) -> str:
     return f"{kind}:{s['attack']}:eps{s['eps']}:budget{s['budget']}:{json.dumps(s['params'], sort_keys=True)}{recipe}"
 
 
-def write(entries: list[dict[str, Any]], out: Path) -> None:
-    """Merge `entries` into <out>/efficacy.json (same setting: replaced) and render efficacy.md."""
+def write(entries: list[dict[str, Any]], out: Path, name: str = "efficacy",
+          key: Callable[[dict[str, Any]], str] = setting_id,
+          render_md: Callable[[list[dict[str, Any]]], str] | None = None) -> None:
+    """Merge `entries` into <out>/<name>.json (same `key`: replaced) and render <name>.md with `render_md`
+    (this module's table by default)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "efficacy.json"
+    path = out / f"{name}.json"
     stored = json.loads(path.read_text()) if path.exists() else []
-    merged = {setting_id(e): e for e in stored}
-    merged.update({setting_id(e): e for e in entries})
+    merged = {key(e): e for e in stored}
+    merged.update({key(e): e for e in entries})
     path.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
-    (out / "efficacy.md").write_text(render(list(merged.values())))
+    (out / f"{name}.md").write_text((render_md or render)(list(merged.values())))
+
+
+def targeted_cells(e: dict[str, Any]) -> str:
+    """A targeted entry's table cells from 'seeds x keys' on: success with its Wilson interval, noise
+    success, adv prob of attack / noise / clean, per-seed adv prob, keys above noise, clean accuracy."""
+    s, p = e["setting"], e["summary"]["pooled"]
+    a, nz, cl = p["attack"], p["noise"], p["clean"]
+    seeds = ", ".join(f"{v['attack']['adv_prob']:.2f}" for v in e["summary"]["per_seed"].values())
+    return (f"{len(s['seeds'])} x {s['keys_per_seed']} | "
+            f"{a['success']}/{a['n']} [{a['wilson'][0]:.2f}, {a['wilson'][1]:.2f}] | {nz['success']}/{nz['n']} | "
+            f"{a['adv_prob']:.3f} / {nz['adv_prob']:.3f} / {cl['adv_prob']:.3f} | {seeds} | "
+            f"{e['summary']['keys_above_noise']}/{a['n']} | {a['clean_acc']:.3f} / {e['clean_victim_acc']:.3f} |")
 
 
 def render(entries: list[dict[str, Any]]) -> str:
@@ -233,14 +248,9 @@ def render(entries: list[dict[str, Any]]) -> str:
     for e in entries:
         if "keys_per_seed" not in e["setting"]:
             continue
-        s, p = e["setting"], e["summary"]["pooled"]
-        a, nz, cl = p["attack"], p["noise"], p["clean"]
-        seeds = ", ".join(f"{v['attack']['adv_prob']:.2f}" for v in e["summary"]["per_seed"].values())
+        s = e["setting"]
         label = f"{s['attack']} ({s['recipe']})" if "recipe" in s else s["attack"]
-        lines.append(f"| {label} | {s['eps']} | {s['budget']:.0%} | {len(s['seeds'])} x {s['keys_per_seed']} | "
-                     f"{a['success']}/{a['n']} [{a['wilson'][0]:.2f}, {a['wilson'][1]:.2f}] | {nz['success']}/{nz['n']} | "
-                     f"{a['adv_prob']:.3f} / {nz['adv_prob']:.3f} / {cl['adv_prob']:.3f} | {seeds} | "
-                     f"{e['summary']['keys_above_noise']}/{a['n']} | {a['clean_acc']:.3f} / {e['clean_victim_acc']:.3f} |")
+        lines.append(f"| {label} | {s['eps']} | {s['budget']:.0%} | {targeted_cells(e)}")
     lines += ["", "## Availability (victim test accuracy; lower is a stronger attack)", "",
               "| attack | seeds | per seed | mean +- std | clean victim | craft s |", "| --- | --- | --- | --- | --- | --- |"]
     for e in entries:

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.efficacy import noise_like, runner_up_keys, summarize_targeted, target_probs
+from benchmarks.efficacy import (noise_like, runner_up_keys, summarize_targeted, target_probs, targeted_cells,
+                                write)
 from poison_core.attacks import CraftContext, make_attack
 from poison_core.config import DatasetConfig, ModelConfig, TargetSelection, ThreatModel, TrainConfig
 from poison_core.data import load_dataset
@@ -135,17 +136,6 @@ def setting_id(entry: dict[str, Any]) -> str:
     return f"{s['attack']}:{s['head']}:{json.dumps(s['params'], sort_keys=True)}"
 
 
-def write(entries: list[dict[str, Any]], out: Path) -> None:
-    """Merge `entries` into <out>/transfer.json (same setting: replaced) and render transfer.md."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "transfer.json"
-    stored = json.loads(path.read_text()) if path.exists() else []
-    merged = {setting_id(e): e for e in stored}
-    merged.update({setting_id(e): e for e in entries})
-    path.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
-    (out / "transfer.md").write_text(render(list(merged.values())))
-
-
 def render(entries: list[dict[str, Any]]) -> str:
     lines = ["# Transfer-learning victims: the references' head and the benchmark's augmented head", "",
              "`python3 -m benchmarks.transfer` (see its docstring). Frozen width-32 ConvNet, linear head retrained.", "",
@@ -156,13 +146,7 @@ def render(entries: list[dict[str, Any]]) -> str:
     for e in entries:
         if "keys_per_seed" not in e["setting"]:
             continue
-        s, p = e["setting"], e["summary"]["pooled"]
-        a, nz, cl = p["attack"], p["noise"], p["clean"]
-        seeds = ", ".join(f"{v['attack']['adv_prob']:.2f}" for v in e["summary"]["per_seed"].values())
-        lines.append(f"| {s['attack']} | {s['head']} | {len(s['seeds'])} x {s['keys_per_seed']} | "
-                     f"{a['success']}/{a['n']} [{a['wilson'][0]:.2f}, {a['wilson'][1]:.2f}] | {nz['success']}/{nz['n']} | "
-                     f"{a['adv_prob']:.3f} / {nz['adv_prob']:.3f} / {cl['adv_prob']:.3f} | {seeds} | "
-                     f"{e['summary']['keys_above_noise']}/{a['n']} | {a['clean_acc']:.3f} / {e['clean_victim_acc']:.3f} |")
+        lines.append(f"| {e['setting']['attack']} | {e['setting']['head']} | {targeted_cells(e)}")
     lines += ["", "## Hidden Trigger Backdoor (eps 16, 10 %; ASR on patched source test images)", "",
               "| head | seeds | ASR attack (mean +- std) | noise | clean head | per seed (attack / noise / clean) |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -191,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             entries = run_keyed(attack, args.seeds, args.keys, extractor, finetune_set, test)
         else:
             entries = run_trigger(attack, args.seeds, extractor, finetune_set, test)
-        write(entries, args.out)
+        write(entries, args.out, "transfer", setting_id, render)
 
 
 if __name__ == "__main__":

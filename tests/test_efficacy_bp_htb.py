@@ -34,15 +34,15 @@ import pytest
 import torch
 
 from benchmarks.efficacy import noise_like, runner_up_keys, softmax
+from benchmarks.transfer import HEADS, VICTIM_SEED
+from benchmarks.transfer import setup as transfer_setting
 from poison_core.attacks import CraftContext, make_attack
-from poison_core.config import DatasetConfig, ModelConfig, TargetSelection, ThreatModel, TrainConfig
-from poison_core.data import load_dataset
+from poison_core.config import TargetSelection, ThreatModel
 from poison_core.defenses.base import ModelClassifier
 from poison_core.evaluation import evaluate
 from poison_core.metrics import wilson_interval
-from poison_core.models import build_model
 from poison_core.poisons import apply
-from poison_core.training import predict_logits, train_model
+from poison_core.training import predict_logits
 from poison_core.transfer import extract_features, finetune
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -50,22 +50,16 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")]
 log = logging.getLogger(__name__)
 
-PRETRAIN = TrainConfig(epochs=10, batch_size=64, lr=0.05)
-HEAD = TrainConfig(epochs=30, batch_size=64, lr=0.05, weight_decay=0.0)
-VICTIM_SEED = 7
+HEAD = HEADS["plain"]  # the attacks' references train the head without augmentation
 HTB_MARGIN = 0.04  # see the hidden-trigger test's docstring
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def setup(one_thread):
-    """The frozen extractor, the 1,000 fine-tuning images it never saw, the test split."""
-    splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=3000, n_test=1000, seed=0))
-    order = np.random.default_rng(0).permutation(len(splits.train))
-    pretrain, finetune_set = splits.train.subset(order[:2000]), splits.train.subset(order[2000:])
-    extractor = build_model(ModelConfig(name="convnet", width=32), pretrain.image_shape, 10, seed=100)
-    train_model(extractor, pretrain, PRETRAIN, device="cpu", seed=100)
-    return extractor.eval(), finetune_set, splits.test
+    """The frozen extractor, the 1,000 fine-tuning images it never saw, the test split (the setting of
+    benchmarks/transfer.py, which measures these attacks over crafting seeds)."""
+    return transfer_setting()
 
 
 def line(arm: str, adv: np.ndarray, hits: np.ndarray, acc: float) -> str:
