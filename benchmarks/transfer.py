@@ -61,6 +61,7 @@ TRIGGER = {"hidden_trigger": {"source_class": 7, "target_class": 9, "patch_size"
 
 
 def setup() -> tuple[torch.nn.Module, ImageDataset, ImageDataset]:
+    """The frozen extractor (pretrained on 2,000 images), the 1,000 fine-tuning images it never saw, the test split."""
     splits = load_dataset(DatasetConfig(name="fashion-mnist", n_train=3000, n_test=1000, seed=0))
     order = np.random.default_rng(0).permutation(len(splits.train))
     pretrain, finetune_set = splits.train.subset(order[:2000]), splits.train.subset(order[2000:])
@@ -70,11 +71,13 @@ def setup() -> tuple[torch.nn.Module, ImageDataset, ImageDataset]:
 
 
 def head(extractor: torch.nn.Module, data: ImageDataset, poison: PoisonSet | None, recipe: str) -> torch.nn.Module:
+    """The transfer victim: `extractor` frozen, its head retrained on `data` (poisoned when given) with `recipe`."""
     return finetune(extractor, data if poison is None else apply(poison, data), HEADS[recipe], device="cpu",
                     seed=VICTIM_SEED)
 
 
 def run_keyed(attack: str, seeds: list[int], n_keys: int, extractor, finetune_set, test) -> list[dict[str, Any]]:
+    """One entry per head recipe: every key's attack, noise and clean heads (one key per victim)."""
     train = finetune_set.subset(np.arange(400))
     clean = {r: head(extractor, train, None, r) for r in HEADS}
     rows: dict[str, list[dict[str, Any]]] = {r: [] for r in HEADS}
@@ -105,6 +108,7 @@ def run_keyed(attack: str, seeds: list[int], n_keys: int, extractor, finetune_se
 
 
 def run_trigger(attack: str, seeds: list[int], extractor, finetune_set, test) -> list[dict[str, Any]]:
+    """One entry per head recipe: ASR on patched source test images for each seed's attack, noise and clean heads."""
     threat = ThreatModel(epsilon=16, budget=0.1, clean_label=True)
     clean = {r: head(extractor, finetune_set, None, r) for r in HEADS}
     rows: dict[str, list[dict[str, Any]]] = {r: [] for r in HEADS}
